@@ -1,0 +1,63 @@
+//! Administration: the commands behind `halyard user ...` and the socket a running server
+//! serves them on (`<data_dir>/admin.sock`, mode 0600).
+//!
+//! Each command is a [`Request`] executed by [`execute`] against the stores (and, inside a
+//! running server, its live sessions). The CLI sends it over the socket when a server is running
+//! and runs it in-process on the opened store otherwise, so both paths share one implementation.
+
+pub mod socket;
+pub mod user;
+
+use serde::{Deserialize, Serialize};
+
+use crate::server::Server;
+use crate::store::Stores;
+
+/// One admin command, as sent over the socket (one JSON object per line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    UserAdd { jid: String, password: String },
+    UserPasswd { jid: String, password: String },
+    UserRemove { jid: String },
+    UserList,
+}
+
+/// The answer: lines for stdout, or an error for stderr.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok(lines: Vec<String>) -> Self {
+        Response { lines, error: None }
+    }
+    pub fn err(e: impl std::fmt::Display) -> Self {
+        Response { lines: Vec::new(), error: Some(e.to_string()) }
+    }
+}
+
+/// What a command can act on: the stores always, the live server when there is one.
+pub struct Context<'a> {
+    pub stores: &'a Stores,
+    pub server: Option<&'a Server>,
+    pub domains: &'a [String],
+    pub scram_iterations: u32,
+}
+
+pub async fn execute(ctx: &Context<'_>, req: Request) -> Response {
+    let r = match req {
+        Request::UserAdd { jid, password } => user::add(ctx, &jid, &password).await,
+        Request::UserPasswd { jid, password } => user::passwd(ctx, &jid, &password).await,
+        Request::UserRemove { jid } => user::remove(ctx, &jid).await,
+        Request::UserList => user::list(ctx).await,
+    };
+    match r {
+        Ok(lines) => Response::ok(lines),
+        Err(e) => Response::err(format!("{e:#}")),
+    }
+}

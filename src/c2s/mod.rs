@@ -1,0 +1,600 @@
+//! Client-to-server sessions: negotiation (TLS, SASL, bind) and the bound session's loop.
+//!
+//! One task per connection. Negotiation runs as a sequence of stream restarts under a single
+//! pre-authentication deadline and byte budget; once bound, the task reads stanzas in order
+//! (each is routed to completion before the next is read, RFC 6120 §10.1), writes what other
+//! sessions queue for it, and pings the client after a quiet period to detect dead peers.
+
+pub mod transport;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use halyard_xep::ns;
+use halyard_xep::stanza::n;
+use jid::{BareJid, FullJid, ResourcePart};
+use minidom::Element;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, timeout, Instant};
+use tracing::Instrument;
+
+use crate::sasl::scram::{self, ScramServer};
+use crate::sasl::{self, plain};
+use crate::server::Server;
+use crate::sessions::Outbound;
+use crate::stream::{writer, StreamError, StreamErrorKind, StreamEvent};
+pub use transport::{TcpTransport, Transport, TransportError};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Runs one connection to completion.
+pub async fn run<T: Transport>(server: Arc<Server>, t: T) {
+    let conn_id = server.next_conn_id();
+    let span = tracing::info_span!("c2s", conn = conn_id, ip = %t.peer().ip(), transport = t.transport_name(), jid = tracing::field::Empty);
+    server.connections.fetch_add(1, Ordering::Relaxed);
+    Session { server: server.clone(), t, conn_id, stream_id: String::new() }.run().instrument(span).await;
+    server.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+struct Session<T> {
+    server: Arc<Server>,
+    t: T,
+    conn_id: u64,
+    stream_id: String,
+}
+
+/// How negotiation ended.
+enum Negotiated {
+    Bound(FullJid),
+    /// The stream is over; the error (if any) has to be sent.
+    Closed(Option<StreamError>),
+}
+
+fn stream_err(kind: StreamErrorKind, text: &str) -> Negotiated {
+    Negotiated::Closed(Some(StreamError::new(kind, text)))
+}
+
+fn random_id(len: usize) -> String {
+    rand::thread_rng().sample_iter(&rand::distributions::Alphanumeric).take(len).map(char::from).collect()
+}
+
+fn el_to_string(el: &Element) -> Vec<u8> {
+    writer::to_bytes(el).to_vec()
+}
+
+impl<T: Transport> Session<T> {
+    async fn run(mut self) {
+        let mut shutdown = self.server.shutdown.clone();
+        let deadline = self.server.config.c2s.preauth_timeout();
+        let outcome = tokio::select! {
+            r = timeout(deadline, self.negotiate()) => match r {
+                Ok(n) => n,
+                Err(_) => stream_err(StreamErrorKind::ConnectionTimeout, "authentication and binding took too long"),
+            },
+            _ = crate::server::until_shutdown(&mut shutdown) => Negotiated::Closed(Some(StreamError::bare(StreamErrorKind::SystemShutdown))),
+        };
+        match outcome {
+            Negotiated::Closed(err) => {
+                if let Some(e) = &err {
+                    tracing::debug!(error = %e, "closing stream during negotiation");
+                }
+                self.close(err.as_ref()).await;
+            }
+            Negotiated::Bound(full) => self.bound(full).await,
+        }
+    }
+
+    async fn close(&mut self, err: Option<&StreamError>) {
+        let _ = timeout(Duration::from_secs(2), self.t.close(err)).await;
+    }
+
+    async fn send_el(&mut self, el: &Element) -> std::io::Result<()> {
+        self.t.write(&el_to_string(el)).await?;
+        self.t.flush().await
+    }
+
+    /// Reads the next event, enforcing the pre-authentication byte budget.
+    async fn next_preauth(&mut self) -> Result<Option<StreamEvent>, Negotiated> {
+        let ev = self.t.next_event().await.map_err(|e| match e {
+            TransportError::Stream(s) => Negotiated::Closed(Some(s)),
+            TransportError::Io(_) => Negotiated::Closed(None),
+        })?;
+        if self.t.bytes_in() > self.server.config.c2s.preauth_max_bytes as u64 {
+            return Err(stream_err(StreamErrorKind::PolicyViolation, "too much data before authentication"));
+        }
+        Ok(ev)
+    }
+
+    /// Waits for a stream header and answers it with ours. Returns the domain the client asked
+    /// for.
+    async fn open_stream(&mut self) -> Result<String, Negotiated> {
+        let header = match self.next_preauth().await? {
+            Some(StreamEvent::Open(h)) => h,
+            Some(StreamEvent::Close) | None => return Err(Negotiated::Closed(None)),
+            Some(StreamEvent::Element(_)) => {
+                return Err(stream_err(StreamErrorKind::NotWellFormed, "expected a stream header"))
+            }
+        };
+        self.stream_id = random_id(16);
+        let primary = self.server.domain().to_owned();
+        // Our header goes out before any error, so the client can parse the error (RFC 6120
+        // §4.9.1.1).
+        let to = header.attr("to").map(|t| t.to_ascii_lowercase());
+        let domain = match to.as_deref() {
+            Some(d) if self.server.config.domains.iter().any(|x| x == d) => d.to_owned(),
+            None => primary.clone(),
+            Some(_) => {
+                let _ = self.t.open(&self.stream_id, &primary, None).await;
+                return Err(stream_err(StreamErrorKind::HostUnknown, "this server does not serve that domain"));
+            }
+        };
+        let from = header.attr("from").and_then(|f| BareJid::new(f).ok()).map(|j| j.to_string());
+        if self.t.open(&self.stream_id, &domain, from.as_deref()).await.is_err() {
+            return Err(Negotiated::Closed(None));
+        }
+        match header.attr("version") {
+            Some(v) if v.split('.').next().and_then(|m| m.parse::<u32>().ok()).unwrap_or(0) >= 1 => Ok(domain),
+            _ => Err(stream_err(StreamErrorKind::UnsupportedVersion, "XMPP 1.0 streams are required")),
+        }
+    }
+
+    fn limits_feature(&self) -> Element {
+        let c = &self.server.config.c2s;
+        Element::builder("limits", ns::STREAM_LIMITS)
+            .append(Element::builder("max-bytes", ns::STREAM_LIMITS).append(c.max_stanza_bytes.to_string()).build())
+            .append(Element::builder("idle-seconds", ns::STREAM_LIMITS).append(c.idle_timeout_secs.to_string()).build())
+            .build()
+    }
+
+    async fn negotiate(&mut self) -> Negotiated {
+        let mut user: Option<BareJid> = None;
+        let mut failures = 0u32;
+        loop {
+            let domain = match self.open_stream().await {
+                Ok(d) => d,
+                Err(n) => return n,
+            };
+            let mut features = Element::builder("features", ns::STREAM);
+            let cb = self.t.bindings();
+            match &user {
+                None => {
+                    if self.t.can_starttls() {
+                        let mut st = Element::builder("starttls", ns::TLS);
+                        if !self.t.auth_allowed() {
+                            st = st.append(Element::bare("required", ns::TLS));
+                        }
+                        features = features.append(st.build());
+                    }
+                    if self.t.auth_allowed() {
+                        let mut mechs = Element::builder("mechanisms", ns::SASL);
+                        for m in sasl::mechanisms(&cb, self.server.config.auth.allow_plain && self.t.is_secure()) {
+                            mechs = mechs.append(Element::builder("mechanism", ns::SASL).append(m).build());
+                        }
+                        features = features.append(mechs.build());
+                        let types = sasl::binding_types(&cb);
+                        if !types.is_empty() {
+                            let mut b = Element::builder("sasl-channel-binding", ns::SASL_CB);
+                            for ty in types {
+                                b = b.append(Element::builder("channel-binding", ns::SASL_CB).attr(n("type"), ty).build());
+                            }
+                            features = features.append(b.build());
+                        }
+                    }
+                }
+                Some(_) => {
+                    features = features
+                        .append(Element::bare("bind", ns::BIND))
+                        .append(Element::builder("session", ns::SESSION).append(Element::bare("optional", ns::SESSION)).build());
+                    for f in self.server.registry.stream_features() {
+                        features = features.append(f.clone());
+                    }
+                }
+            }
+            features = features.append(self.limits_feature()).append(self.server.caps.clone());
+            if self.send_el(&features.build()).await.is_err() {
+                return Negotiated::Closed(None);
+            }
+
+            // Elements until the next restart (or binding).
+            loop {
+                let el = match self.next_preauth().await {
+                    Ok(Some(StreamEvent::Element(el))) => el,
+                    Ok(Some(StreamEvent::Close)) | Ok(None) => return Negotiated::Closed(None),
+                    Ok(Some(StreamEvent::Open(_))) => {
+                        return stream_err(StreamErrorKind::NotWellFormed, "unexpected stream header")
+                    }
+                    Err(n) => return n,
+                };
+                if el.is("starttls", ns::TLS) && user.is_none() {
+                    if !self.t.can_starttls() {
+                        let _ = self.send_el(&Element::bare("failure", ns::TLS)).await;
+                        return Negotiated::Closed(None);
+                    }
+                    if self.send_el(&Element::bare("proceed", ns::TLS)).await.is_err() {
+                        return Negotiated::Closed(None);
+                    }
+                    match self.t.starttls().await {
+                        Ok(()) => break,
+                        Err(TransportError::Stream(e)) => return Negotiated::Closed(Some(e)),
+                        Err(TransportError::Io(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return Negotiated::Closed(None);
+                        }
+                    }
+                }
+                if el.is("auth", ns::SASL) && user.is_none() {
+                    match self.authenticate(&el, &domain).await {
+                        Ok(Some(jid)) => {
+                            tracing::Span::current().record("jid", tracing::field::display(&jid));
+                            tracing::info!("authenticated");
+                            user = Some(jid);
+                            self.t.restart();
+                            break;
+                        }
+                        Ok(None) => {
+                            failures += 1;
+                            if failures >= self.server.config.auth.max_failures_per_connection {
+                                return stream_err(StreamErrorKind::PolicyViolation, "too many failed authentication attempts");
+                            }
+                            continue;
+                        }
+                        Err(n) => return n,
+                    }
+                }
+                if let Some(bare) = &user {
+                    if el.is("iq", ns::CLIENT) && el.attr("type") == Some("set") && el.get_child("bind", ns::BIND).is_some() {
+                        match self.bind(bare, &el).await {
+                            Ok(Some(full)) => return Negotiated::Bound(full),
+                            Ok(None) => continue,
+                            Err(n) => return n,
+                        }
+                    }
+                    if el.is("iq", ns::CLIENT) && el.get_child("session", ns::SESSION).is_some() {
+                        // RFC 3921 session establishment is a no-op kept for old clients.
+                        let reply = iq_result(&el, None);
+                        if self.send_el(&reply).await.is_err() {
+                            return Negotiated::Closed(None);
+                        }
+                        continue;
+                    }
+                }
+                return if halyard_xep::Kind::of(&el).is_some() {
+                    stream_err(StreamErrorKind::NotAuthorized, "stanzas are allowed only after authentication and resource binding")
+                } else {
+                    stream_err(StreamErrorKind::UnsupportedStanzaType, "unexpected element during negotiation")
+                };
+            }
+        }
+    }
+
+    /// One SASL exchange. `Ok(Some(jid))` on success, `Ok(None)` after a failure the client may
+    /// retry.
+    async fn authenticate(&mut self, auth: &Element, domain: &str) -> Result<Option<BareJid>, Negotiated> {
+        if !self.t.auth_allowed() {
+            self.sasl_failure("encryption-required", Some("use STARTTLS first")).await?;
+            return Ok(None);
+        }
+        let mech = auth.attr("mechanism").unwrap_or("");
+        let offered = sasl::mechanisms(&self.t.bindings(), self.server.config.auth.allow_plain && self.t.is_secure());
+        if !offered.contains(&mech) {
+            self.sasl_failure("invalid-mechanism", None).await?;
+            return Ok(None);
+        }
+        let initial = match decode_sasl(&auth.text()) {
+            Ok(d) => d,
+            Err(()) => {
+                self.sasl_failure("incorrect-encoding", None).await?;
+                return Ok(None);
+            }
+        };
+        let result = if mech == "PLAIN" {
+            self.auth_plain(&initial, domain).await
+        } else {
+            self.auth_scram(mech, initial, domain).await?
+        };
+        match result {
+            Ok(jid) => Ok(Some(jid)),
+            Err((cond, text)) => {
+                let delay = self.server.auth_throttle.failure(self.t.peer().ip());
+                tracing::info!(condition = cond, "authentication failed");
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                self.sasl_failure(cond, text.as_deref()).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn sasl_failure(&mut self, cond: &str, text: Option<&str>) -> Result<(), Negotiated> {
+        let mut b = Element::builder("failure", ns::SASL).append(Element::bare(cond, ns::SASL));
+        if let Some(t) = text {
+            b = b.append(Element::builder("text", ns::SASL).append(t).build());
+        }
+        self.send_el(&b.build()).await.map_err(|_| Negotiated::Closed(None))
+    }
+
+    /// Maps a SASL authcid to the account it names on this domain.
+    fn account_for(&self, username: &str, domain: &str) -> Option<BareJid> {
+        if username.is_empty() {
+            return None;
+        }
+        BareJid::new(&format!("{username}@{domain}")).ok()
+    }
+
+    async fn auth_plain(&mut self, msg: &[u8], domain: &str) -> Result<BareJid, (&'static str, Option<String>)> {
+        let creds = plain::parse(msg).map_err(|e| (e.condition(), None))?;
+        let jid = self.account_for(&creds.authcid, domain).ok_or(("not-authorized", None))?;
+        if let Some(z) = creds.authzid.as_deref().filter(|z| !z.is_empty()) {
+            if BareJid::new(z).ok().as_ref() != Some(&jid) {
+                return Err(("invalid-authzid", None));
+            }
+        }
+        let account = self.server.stores.accounts.get(&jid).await.map_err(|e| {
+            tracing::error!(error = %e, "account lookup failed");
+            ("temporary-auth-failure", None)
+        })?;
+        let hash = scram::Hash::Sha256;
+        // An unknown user is checked against fake credentials so the reply takes as long.
+        let stored = match account.as_ref().and_then(|a| a.credentials(hash)) {
+            Some(c) => c.clone(),
+            None => scram::fake_credentials(hash, &self.server.fake_salt_secret, &creds.authcid, self.server.config.auth.scram_iterations),
+        };
+        let ok = plain::verify(hash, &stored, &creds.password) && account.is_some();
+        if !ok {
+            return Err(("not-authorized", None));
+        }
+        self.send_el(&Element::bare("success", ns::SASL)).await.map_err(|_| ("aborted", None))?;
+        Ok(jid)
+    }
+
+    /// SCRAM: client-first in `<auth>`, server-first in `<challenge>`, client-final in
+    /// `<response>`, server-final in `<success>`.
+    #[allow(clippy::type_complexity)]
+    async fn auth_scram(
+        &mut self,
+        mech: &str,
+        initial: Vec<u8>,
+        domain: &str,
+    ) -> Result<Result<BareJid, (&'static str, Option<String>)>, Negotiated> {
+        let Some((hash, plus)) = scram::parse_mechanism(mech) else {
+            return Ok(Err(("invalid-mechanism", None)));
+        };
+        let mut server = ScramServer::new(hash, plus, self.t.bindings());
+        let first = match server.client_first(&initial) {
+            Ok(f) => f,
+            Err(e) => return Ok(Err((e.condition(), Some(e.to_string())))),
+        };
+        let jid = self.account_for(&first.username, domain);
+        let creds = match &jid {
+            Some(j) => match self.server.stores.accounts.get(j).await {
+                Ok(a) => a.and_then(|a| a.credentials(hash).cloned()),
+                Err(e) => {
+                    tracing::error!(error = %e, "account lookup failed");
+                    return Ok(Err(("temporary-auth-failure", None)));
+                }
+            },
+            None => None,
+        };
+        let challenge = server.server_first(creds.as_ref(), &self.server.fake_salt_secret, self.server.config.auth.scram_iterations);
+        let ch = Element::builder("challenge", ns::SASL).append(B64.encode(challenge)).build();
+        self.send_el(&ch).await.map_err(|_| Negotiated::Closed(None))?;
+        let resp = match self.next_preauth().await? {
+            Some(StreamEvent::Element(el)) if el.is("response", ns::SASL) => el,
+            Some(StreamEvent::Element(el)) if el.is("abort", ns::SASL) => return Ok(Err(("aborted", None))),
+            Some(StreamEvent::Element(_)) => return Ok(Err(("malformed-request", Some("expected <response/>".into())))),
+            _ => return Err(Negotiated::Closed(None)),
+        };
+        let Ok(final_msg) = decode_sasl(&resp.text()) else {
+            return Ok(Err(("incorrect-encoding", None)));
+        };
+        let server_final = match server.client_final(&final_msg) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err((e.condition(), None))),
+        };
+        let (Some(jid), Some(_)) = (jid, creds) else {
+            // Unreachable in practice: an unknown user's proof cannot verify.
+            return Ok(Err(("not-authorized", None)));
+        };
+        if let Some(z) = first.authzid.as_deref().filter(|z| !z.is_empty()) {
+            if BareJid::new(z).ok().as_ref() != Some(&jid) {
+                return Ok(Err(("invalid-authzid", None)));
+            }
+        }
+        let ok = Element::builder("success", ns::SASL).append(B64.encode(server_final)).build();
+        self.send_el(&ok).await.map_err(|_| Negotiated::Closed(None))?;
+        Ok(Ok(jid))
+    }
+
+    /// Resource binding (RFC 6120 §7). `Ok(None)` when the request got an error reply.
+    async fn bind(&mut self, bare: &BareJid, iq: &Element) -> Result<Option<FullJid>, Negotiated> {
+        let requested = iq
+            .get_child("bind", ns::BIND)
+            .and_then(|b| b.get_child("resource", ns::BIND))
+            .map(|r| r.text())
+            .filter(|r| !r.trim().is_empty());
+        let resource = match requested {
+            Some(r) => match ResourcePart::new(&r) {
+                Ok(rp) => rp.into_owned(),
+                Err(_) => {
+                    let err = halyard_xep::stanza::error_reply(
+                        iq,
+                        "",
+                        self.server.domain(),
+                        halyard_xep::StanzaError::BadRequest(Some("invalid resource".into())),
+                    );
+                    if let Some(e) = err {
+                        self.send_el(&e).await.map_err(|_| Negotiated::Closed(None))?;
+                    }
+                    return Ok(None);
+                }
+            },
+            None => match ResourcePart::new(&format!("halyard-{}", random_id(10))) {
+                Ok(rp) => rp.into_owned(),
+                Err(_) => return Err(stream_err(StreamErrorKind::InternalServerError, "resource generation failed")),
+            },
+        };
+        let full = FullJid::from_parts(bare.node(), bare.domain(), &resource);
+        let reply = iq_result(
+            iq,
+            Some(Element::builder("bind", ns::BIND).append(Element::builder("jid", ns::BIND).append(full.to_string()).build()).build()),
+        );
+        self.send_el(&reply).await.map_err(|_| Negotiated::Closed(None))?;
+        Ok(Some(full))
+    }
+
+    /// The bound session: stanzas in, queued stanzas out, pings when quiet.
+    async fn bound(mut self, full: FullJid) {
+        let server = self.server.clone();
+        let c2s = &server.config.c2s;
+        let (tx, mut rx) = mpsc::channel::<Outbound>(c2s.outbound_queue);
+        if let Some(old) = server.sessions.bind(&full, self.conn_id, tx) {
+            let _ = old.try_send(Outbound::Close(StreamError::new(
+                StreamErrorKind::Conflict,
+                "replaced by a new session with the same resource",
+            )));
+        }
+        tracing::info!(%full, "bound");
+        for hook in server.registry.session_hooks() {
+            hook.bound(server.as_ref(), &full).await;
+        }
+        let mut shutdown = server.shutdown.clone();
+        let mut last_read = Instant::now();
+        let mut ping_sent: Option<Instant> = None;
+        let close_err: Option<StreamError> = loop {
+            let wake = match ping_sent {
+                Some(at) => at + c2s.ping_timeout(),
+                None => last_read + c2s.idle_timeout(),
+            };
+            self.t.idle();
+            tokio::select! {
+                ev = self.t.next_event() => {
+                    last_read = Instant::now();
+                    ping_sent = None;
+                    match ev {
+                        Ok(Some(StreamEvent::Element(el))) => {
+                            if let Err(e) = self.handle_element(&full, el).await {
+                                break Some(e);
+                            }
+                        }
+                        Ok(Some(StreamEvent::Close)) | Ok(None) => break None,
+                        Ok(Some(StreamEvent::Open(_))) => break Some(StreamError::new(StreamErrorKind::NotWellFormed, "unexpected stream header")),
+                        Err(TransportError::Stream(e)) => break Some(e),
+                        Err(TransportError::Io(e)) => {
+                            tracing::debug!(error = %e, "read failed");
+                            break None;
+                        }
+                    }
+                }
+                out = rx.recv() => {
+                    match out {
+                        Some(Outbound::Data(bytes)) => {
+                            if let Err(e) = self.write_batch(bytes, &mut rx).await {
+                                break e;
+                            }
+                        }
+                        Some(Outbound::Close(e)) => break Some(e),
+                        None => break None,
+                    }
+                }
+                _ = sleep_until(wake) => {
+                    if ping_sent.is_some() {
+                        break Some(StreamError::new(StreamErrorKind::ConnectionTimeout, "no answer to ping"));
+                    }
+                    let ping = Element::builder("iq", ns::CLIENT)
+                        .attr(n("type"), "get")
+                        .attr(n("id"), format!("ping-{}", random_id(8)))
+                        .attr(n("from"), full.domain().as_str())
+                        .attr(n("to"), full.to_string())
+                        .append(Element::bare("ping", ns::PING))
+                        .build();
+                    if self.send_el(&ping).await.is_err() {
+                        break None;
+                    }
+                    ping_sent = Some(Instant::now());
+                }
+                _ = crate::server::until_shutdown(&mut shutdown) => break Some(StreamError::bare(StreamErrorKind::SystemShutdown)),
+            }
+        };
+        // Unbind first so nothing more is queued for us, then say goodbye.
+        let removed = server.sessions.unbind(&full, self.conn_id);
+        if let Some(e) = &close_err {
+            tracing::info!(error = %e, "closing stream");
+        } else {
+            tracing::info!("session ended");
+        }
+        self.close(close_err.as_ref()).await;
+        if let Some((presence, _directed)) = removed {
+            for hook in server.registry.session_hooks() {
+                hook.ended(server.as_ref(), &full, presence.as_ref()).await;
+            }
+        }
+    }
+
+    /// Writes one queued stanza and whatever else is already queued, then flushes once.
+    async fn write_batch(&mut self, first: bytes::Bytes, rx: &mut mpsc::Receiver<Outbound>) -> Result<(), Option<StreamError>> {
+        let wt = self.server.config.c2s.write_timeout();
+        let stalled = || Some(StreamError::new(StreamErrorKind::PolicyViolation, "the client is not reading"));
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(bytes) = next.take() {
+            match timeout(wt, self.t.write(&bytes)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(None),
+                Err(_) => return Err(stalled()),
+            }
+            n += 1;
+            if n < 64 {
+                match rx.try_recv() {
+                    Ok(Outbound::Data(b)) => next = Some(b),
+                    Ok(Outbound::Close(e)) => {
+                        let _ = timeout(wt, self.t.flush()).await;
+                        return Err(Some(e));
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        match timeout(wt, self.t.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(None),
+            Err(_) => Err(stalled()),
+        }
+    }
+
+    async fn handle_element(&mut self, full: &FullJid, el: Element) -> Result<(), StreamError> {
+        if halyard_xep::Kind::of(&el).is_none() {
+            return Err(StreamError::new(StreamErrorKind::UnsupportedStanzaType, format!("unsupported element <{}/>", el.name())));
+        }
+        if el.name() == "iq" && el.attr("type") == Some("set") && el.get_child("session", ns::SESSION).is_some() {
+            let reply = iq_result(&el, None);
+            self.send_el(&reply).await.map_err(|_| StreamError::bare(StreamErrorKind::InternalServerError))?;
+            return Ok(());
+        }
+        crate::router::from_client(&self.server, full, el).await;
+        Ok(())
+    }
+}
+
+fn iq_result(iq: &Element, payload: Option<Element>) -> Element {
+    let mut b = Element::builder("iq", ns::CLIENT).attr(n("type"), "result");
+    if let Some(id) = iq.attr("id") {
+        b = b.attr(n("id"), id);
+    }
+    if let Some(p) = payload {
+        b = b.append(p);
+    }
+    b.build()
+}
+
+/// SASL payloads are base64, with `=` standing for an empty response (RFC 6120 §6.4.2).
+fn decode_sasl(text: &str) -> Result<Vec<u8>, ()> {
+    let t = text.trim();
+    if t.is_empty() || t == "=" {
+        return Ok(Vec::new());
+    }
+    B64.decode(t).map_err(|_| ())
+}

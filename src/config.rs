@@ -1,0 +1,284 @@
+//! Typed configuration (serde + toml), validated at load with errors that say the fix.
+//!
+//! Every option has a doc comment, a default and an entry in the annotated `config.toml` at the
+//! top of the repository. Relative paths resolve against the folder of the config file (or the
+//! working directory when built-in defaults are used).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Domains served; the first is the primary one (used for the admin socket, certificates
+    /// generated first, and the server's own address).
+    pub domains: Vec<String>,
+    /// Where the store (sled) and the admin socket live.
+    pub data_dir: PathBuf,
+    /// Where `<domain>.crt` / `<domain>.key` (PEM) are read from, or generated into.
+    pub certs_dir: PathBuf,
+    /// Log level or tracing filter (e.g. `info`, `halyard=debug`). `RUST_LOG` overrides it.
+    pub log: String,
+    pub listeners: Listeners,
+    pub c2s: C2s,
+    pub auth: Auth,
+    pub http: Http,
+}
+
+/// Listen addresses per kind; an empty list turns that kind off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listeners {
+    /// Client-to-server with STARTTLS (RFC 6120).
+    pub c2s: Vec<SocketAddr>,
+    /// Client-to-server with Direct TLS (XEP-0368).
+    pub c2s_tls: Vec<SocketAddr>,
+    /// Plain HTTP: WebSocket at `/xmpp-websocket`.
+    pub http: Vec<SocketAddr>,
+    /// HTTPS: the same routes over TLS.
+    pub https: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct C2s {
+    /// Refuse SASL before TLS on TCP listeners. Turn off only for loopback benchmarks.
+    pub require_tls: bool,
+    /// Largest stanza, in bytes; a larger one closes the stream with `policy-violation`.
+    pub max_stanza_bytes: usize,
+    /// Deepest element nesting inside a stanza.
+    pub max_depth: usize,
+    /// Seconds a connection may take to authenticate and bind.
+    pub preauth_timeout_secs: u64,
+    /// Bytes a connection may send before it has authenticated.
+    pub preauth_max_bytes: usize,
+    /// Seconds of silence after which the server pings the client (XEP-0199).
+    pub idle_timeout_secs: u64,
+    /// Seconds to wait for any data after that ping before closing with `connection-timeout`.
+    pub ping_timeout_secs: u64,
+    /// Stanzas queued for one session before it is treated as a slow reader and disconnected.
+    pub outbound_queue: usize,
+    /// Seconds one write may block before the peer is treated as stalled and disconnected.
+    pub write_timeout_secs: u64,
+    /// Deliver messages to a bare JID to every available resource with non-negative priority,
+    /// not only the highest-priority ones (RFC 6121 §8.5.2.1.1 allows both).
+    pub deliver_to_all_resources: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// PBKDF2 iterations for new SCRAM credentials (RFC 5802 §5.1; at least 4096).
+    pub scram_iterations: u32,
+    /// Failed attempts on one connection before it is closed.
+    pub max_failures_per_connection: u32,
+    /// Failures from one IP address per minute before each further attempt is delayed.
+    pub failures_per_minute_per_ip: u32,
+    /// The cap on that delay, in milliseconds.
+    pub max_delay_ms: u64,
+    /// Offer PLAIN (only ever over TLS).
+    pub allow_plain: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// Peers allowed to authenticate over the plain HTTP listener besides loopback, e.g. a
+    /// TLS-terminating reverse proxy.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Origins allowed to open a WebSocket; empty accepts any.
+    pub websocket_origins: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            domains: vec!["localhost".into()],
+            data_dir: PathBuf::from("data"),
+            certs_dir: PathBuf::from("certs"),
+            log: "info".into(),
+            listeners: Listeners::default(),
+            c2s: C2s::default(),
+            auth: Auth::default(),
+            http: Http::default(),
+        }
+    }
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        let any = |p: u16| SocketAddr::from(([0, 0, 0, 0], p));
+        Listeners { c2s: vec![any(5222)], c2s_tls: vec![any(5223)], http: vec![any(5280)], https: vec![any(5281)] }
+    }
+}
+
+impl Default for C2s {
+    fn default() -> Self {
+        C2s {
+            require_tls: true,
+            max_stanza_bytes: 256 * 1024,
+            max_depth: 32,
+            preauth_timeout_secs: 30,
+            preauth_max_bytes: 64 * 1024,
+            idle_timeout_secs: 300,
+            ping_timeout_secs: 60,
+            outbound_queue: 1024,
+            write_timeout_secs: 60,
+            deliver_to_all_resources: false,
+        }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            scram_iterations: 4096,
+            max_failures_per_connection: 5,
+            failures_per_minute_per_ip: 10,
+            max_delay_ms: 2000,
+            allow_plain: true,
+        }
+    }
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http { trusted_proxies: Vec::new(), websocket_origins: Vec::new() }
+    }
+}
+
+impl C2s {
+    pub fn preauth_timeout(&self) -> Duration {
+        Duration::from_secs(self.preauth_timeout_secs)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    pub fn ping_timeout(&self) -> Duration {
+        Duration::from_secs(self.ping_timeout_secs)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs)
+    }
+}
+
+impl Config {
+    /// Loads `path`, resolving relative paths against its folder, and validates it.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let mut cfg = Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.resolve_paths(&base);
+        Ok(cfg)
+    }
+
+    /// Parses TOML text without resolving paths.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for p in [&mut self.data_dir, &mut self.certs_dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    pub fn primary_domain(&self) -> &str {
+        self.domains.first().map(String::as_str).unwrap_or("localhost")
+    }
+
+    /// Normalises domains (RFC 7622 via the `jid` crate) and checks every rule, returning all
+    /// problems found, each with its fix.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.domains.is_empty() {
+            problems.push("`domains` is empty: list at least one domain, e.g. domains = [\"example.com\"]".to_string());
+        }
+        let mut normalised = Vec::new();
+        for d in &self.domains {
+            match jid::BareJid::new(d) {
+                Ok(j) if j.node().is_none() => normalised.push(j.domain().to_string()),
+                _ => problems.push(format!("domain {d:?} is not a valid domain name: use a host name such as \"example.com\"")),
+            }
+        }
+        self.domains = normalised;
+        if self.auth.scram_iterations < 4096 {
+            problems.push(format!(
+                "auth.scram_iterations = {} is below RFC 7677's minimum: set it to 4096 or more",
+                self.auth.scram_iterations
+            ));
+        }
+        if self.c2s.max_stanza_bytes < 10_000 {
+            problems.push("c2s.max_stanza_bytes must be at least 10000 (RFC 6120 §13.12 requires accepting 10000-byte stanzas)".into());
+        }
+        if self.c2s.max_depth < 4 {
+            problems.push("c2s.max_depth must be at least 4, or ordinary stanzas are refused".into());
+        }
+        if self.c2s.outbound_queue == 0 {
+            problems.push("c2s.outbound_queue must be at least 1".into());
+        }
+        if self.c2s.preauth_max_bytes < 4096 {
+            problems.push("c2s.preauth_max_bytes must be at least 4096, or SASL cannot complete".into());
+        }
+        if self.c2s.idle_timeout_secs == 0 || self.c2s.ping_timeout_secs == 0 || self.c2s.preauth_timeout_secs == 0 {
+            problems.push("c2s timeouts must be at least 1 second".into());
+        }
+        if self.auth.max_failures_per_connection == 0 {
+            problems.push("auth.max_failures_per_connection must be at least 1".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("\n  - ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let mut c = Config::default();
+        c.validate().expect("defaults validate");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::parse("domanis = [\"x\"]").unwrap_err();
+        assert!(err.contains("domanis"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_say_the_fix() {
+        let mut c = Config::parse("domains = [\"Exa mple\"]\n[auth]\nscram_iterations = 10").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("scram_iterations"), "{err}");
+        assert!(err.contains("not a valid domain"), "{err}");
+    }
+
+    #[test]
+    fn domains_are_normalised_and_paths_resolved() {
+        let mut c = Config::parse("domains = [\"LocalHost\"]\ndata_dir = \"d\"").unwrap();
+        c.resolve_paths(Path::new("/etc/halyard"));
+        c.validate().unwrap();
+        assert_eq!(c.domains, vec!["localhost".to_string()]);
+        assert_eq!(c.data_dir, PathBuf::from("/etc/halyard/d"));
+    }
+}

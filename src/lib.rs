@@ -1,0 +1,129 @@
+//! Halyard, an XMPP server.
+//!
+//! How the code is laid out (and the path a message takes through it):
+//!
+//! - [`listener`] accepts TCP (STARTTLS), Direct TLS and HTTP(S)/WebSocket connections; each
+//!   becomes a session task in [`c2s`], which negotiates TLS, SASL ([`sasl`]) and resource
+//!   binding over a [`c2s::Transport`] (framing in [`stream`]: our own reader with byte and depth
+//!   limits on top of rxml/minidom).
+//! - A bound session hands each stanza to the [`router`], which stamps `from`, classifies the
+//!   address (host, bare, full), answers for unknown accounts and domains, then runs the
+//!   handlers that modules registered. Modules live in the `halyard-xep` crate, one file per
+//!   XEP, and see the core only through its `Host` trait, which [`server::Server`] implements.
+//! - Delivery goes through the [`sessions`] table: every bound resource has a bounded queue;
+//!   a stanza is serialised once and its bytes shared by every queue it goes to.
+//! - Persistence goes through store traits ([`store`]); sled is the embedded backend.
+//! - [`admin`] holds the commands behind `halyard user ...`, served on `<data_dir>/admin.sock`
+//!   by a running server.
+//!
+//! [`serve`] runs a node until its shutdown signal.
+
+pub mod admin;
+pub mod c2s;
+pub mod config;
+pub mod listener;
+pub mod router;
+pub mod sasl;
+pub mod server;
+pub mod sessions;
+pub mod store;
+pub mod stream;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use config::Config;
+use server::Server;
+use store::Stores;
+
+/// The addresses a running node listens on (port 0 resolved).
+#[derive(Debug, Clone, Default)]
+pub struct Bound {
+    pub c2s: Vec<SocketAddr>,
+    pub c2s_tls: Vec<SocketAddr>,
+    pub http: Vec<SocketAddr>,
+    pub https: Vec<SocketAddr>,
+}
+
+fn join(addrs: &[SocketAddr]) -> String {
+    addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Installs the process-wide rustls crypto provider (ring). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Starts a node: opens the store, loads or generates certificates, binds every listener, and
+/// returns once all are bound. `ready` receives the bound addresses. The returned future runs
+/// until `shutdown` turns true, then closes every session with `system-shutdown`, flushes
+/// storage and returns (within about two seconds).
+pub async fn serve(mut config: Config, shutdown: watch::Receiver<bool>, ready: Option<tokio::sync::oneshot::Sender<Bound>>) -> anyhow::Result<()> {
+    install_crypto_provider();
+    config.validate()?;
+    if !config.c2s.require_tls {
+        tracing::warn!("c2s.require_tls is off: passwords may cross the network in the clear; use this for loopback benchmarks only");
+    }
+    let stores = Stores::open_sled(&config.data_dir)?;
+    let tls = tls::load(&config.certs_dir, &config.domains)?;
+    let server = Arc::new(Server::new(config.clone(), stores.clone(), Some(tls), shutdown.clone()));
+    tracing::info!(modules = ?server.registry.modules(), domains = ?config.domains, "starting");
+
+    let mut set = JoinSet::new();
+    let mut bound = Bound::default();
+    for addr in &config.listeners.c2s {
+        let l = listener::bind(*addr, "c2s").await?;
+        bound.c2s.push(l.local_addr()?);
+        listener::spawn_c2s(&mut set, l, server.clone());
+    }
+    for addr in &config.listeners.c2s_tls {
+        let l = listener::bind(*addr, "c2s_tls").await?;
+        bound.c2s_tls.push(l.local_addr()?);
+        listener::spawn_c2s_tls(&mut set, l, server.clone());
+    }
+    for addr in &config.listeners.http {
+        let l = listener::bind(*addr, "http").await?;
+        bound.http.push(l.local_addr()?);
+        listener::websocket::spawn_http(&mut set, l, server.clone());
+    }
+    for addr in &config.listeners.https {
+        let l = listener::bind(*addr, "https").await?;
+        bound.https.push(l.local_addr()?);
+        listener::websocket::spawn_https(&mut set, l, server.clone())?;
+    }
+    let admin = admin::socket::bind(&config.data_dir).await?;
+    set.spawn(admin::socket::serve(admin, server.clone()));
+
+    tracing::info!(
+        "listening c2s={} c2s_tls={} http={} https={}",
+        join(&bound.c2s),
+        join(&bound.c2s_tls),
+        join(&bound.http),
+        join(&bound.https)
+    );
+    if let Some(tx) = ready {
+        let _ = tx.send(bound);
+    }
+
+    let mut sd = shutdown.clone();
+    crate::server::until_shutdown(&mut sd).await;
+    tracing::info!(connections = server.connections.load(Ordering::Relaxed), "shutting down");
+    // Sessions see the same signal and send system-shutdown themselves; give them a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while server.connections.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    set.abort_all();
+    if let Err(e) = (server.stores.flush)() {
+        tracing::error!(error = %e, "flushing storage at shutdown failed");
+    }
+    let _ = std::fs::remove_file(admin::socket::path(&config.data_dir));
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! Acceptors: c2s with STARTTLS, c2s with Direct TLS (XEP-0368), and HTTP(S) for WebSocket.
+//! Each accepted connection becomes one session task (`c2s::run`).
+
+pub mod websocket;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use crate::c2s::{self, TcpTransport};
+use crate::server::Server;
+use crate::stream::reader::Limits;
+
+/// Time a peer gets to complete a TLS handshake; one that stalls mid-handshake is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub fn limits(server: &Server) -> Limits {
+    Limits { max_stanza_bytes: server.config.c2s.max_stanza_bytes, max_depth: server.config.c2s.max_depth }
+}
+
+/// Binds a listener, saying which option to change when it fails.
+pub async fn bind(addr: SocketAddr, kind: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {addr} for {kind}: {e} (change listeners.{kind} in the config or pass --{})", kind.replace('_', "-"))
+    })
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, server: Arc<Server>, handle: F)
+where
+    F: Fn(Arc<Server>, TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut shutdown = server.shutdown.clone();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(handle(server.clone(), stream, peer));
+                }
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = crate::server::until_shutdown(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Spawns the c2s (STARTTLS) accept loop.
+pub fn spawn_c2s(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<Server>) {
+    set.spawn(accept_loop(listener, server, |server, stream, peer| async move {
+        let t = TcpTransport::plain(stream, peer, server.tls.clone(), server.config.c2s.require_tls, limits(&server));
+        c2s::run(server, t).await
+    }));
+}
+
+/// Spawns the Direct TLS accept loop.
+pub fn spawn_c2s_tls(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<Server>) {
+    set.spawn(accept_loop(listener, server, |server, stream, peer| async move {
+        let Some(tls) = server.tls.clone() else { return };
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
+            Ok(Ok(s)) => {
+                let t = TcpTransport::direct_tls(s, peer, &tls, limits(&server));
+                c2s::run(server, t).await
+            }
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        }
+    }));
+}

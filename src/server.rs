@@ -1,0 +1,202 @@
+//! The node's shared state, and the core's side of the module contract ([`Host`]).
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use halyard_xep::host::{Host, LastActivityStore, ResourceInfo, RosterStore, StoreResult};
+use halyard_xep::Registry;
+use jid::{BareJid, FullJid, Jid};
+use minidom::Element;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::sessions::{Queued, Sessions};
+use crate::store::Stores;
+use crate::stream::writer;
+use crate::tls::Tls;
+
+pub struct Server {
+    pub config: Config,
+    pub registry: Registry,
+    pub sessions: Sessions,
+    pub stores: Stores,
+    pub tls: Option<Tls>,
+    pub started: SystemTime,
+    /// The XEP-0115 `<c/>` for stream features, computed once from the registry.
+    pub caps: Element,
+    /// Secret for SCRAM's fake salts, so an unknown user looks like a wrong password.
+    pub fake_salt_secret: [u8; 32],
+    pub auth_throttle: AuthThrottle,
+    conn_ids: AtomicU64,
+    /// Live connections (negotiating or bound), for shutdown.
+    pub connections: AtomicU64,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Server {
+    pub fn new(config: Config, stores: Stores, tls: Option<Tls>, shutdown: watch::Receiver<bool>) -> Server {
+        let mut registry = Registry::new();
+        halyard_xep::register_all(&mut registry);
+        let caps = halyard_xep::caps::element(&registry);
+        let mut secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut secret);
+        let auth_throttle = AuthThrottle::new(config.auth.failures_per_minute_per_ip, config.auth.max_delay_ms);
+        Server {
+            config,
+            registry,
+            sessions: Sessions::new(),
+            stores,
+            tls,
+            started: SystemTime::now(),
+            caps,
+            fake_salt_secret: secret,
+            auth_throttle,
+            conn_ids: AtomicU64::new(1),
+            connections: AtomicU64::new(0),
+            shutdown,
+        }
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn domain(&self) -> &str {
+        self.config.primary_domain()
+    }
+
+    /// Sends `el` to a local full JID; anything else (the server itself, a bare JID) is dropped.
+    pub fn send_to(&self, to: &Jid, el: &Element) -> Queued {
+        match to.try_as_full() {
+            Ok(full) => self.sessions.send(full, writer::to_bytes(el)),
+            Err(_) => Queued::NoSuchResource,
+        }
+    }
+}
+
+#[async_trait]
+impl Host for Server {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn is_local_domain(&self, domain: &str) -> bool {
+        self.config.domains.iter().any(|d| d == domain)
+    }
+
+    fn started_at(&self) -> SystemTime {
+        self.started
+    }
+
+    async fn route(&self, el: Element) {
+        crate::router::route_trusted(self, el).await
+    }
+
+    fn deliver(&self, to: &FullJid, el: &Element) -> bool {
+        self.sessions.send(to, writer::to_bytes(el)) == Queued::Yes
+    }
+
+    fn resources(&self, user: &BareJid) -> Vec<ResourceInfo> {
+        self.sessions.resources(user)
+    }
+
+    fn set_presence(&self, full: &FullJid, presence: Option<(Element, i8)>) {
+        self.sessions.set_presence(full, presence)
+    }
+
+    fn set_roster_interested(&self, full: &FullJid) {
+        self.sessions.set_roster_interested(full)
+    }
+
+    fn add_directed_presence(&self, full: &FullJid, to: &Jid) {
+        self.sessions.add_directed(full, to)
+    }
+
+    fn remove_directed_presence(&self, full: &FullJid, to: &Jid) {
+        self.sessions.remove_directed(full, to)
+    }
+
+    fn directed_presence(&self, full: &FullJid) -> Vec<Jid> {
+        self.sessions.directed(full)
+    }
+
+    async fn account_exists(&self, user: &BareJid) -> StoreResult<bool> {
+        Ok(self.stores.accounts.get(user).await?.is_some())
+    }
+
+    fn roster(&self) -> &dyn RosterStore {
+        self.stores.roster.as_ref()
+    }
+
+    fn last_activity(&self) -> &dyn LastActivityStore {
+        self.stores.last.as_ref()
+    }
+}
+
+/// Slows down password guessing per IP address: up to `per_minute` failures in a minute pass
+/// without delay; beyond that each attempt waits twice as long as the last, up to `max_delay`.
+/// There is deliberately no per-account lockout: it would let anyone lock a user out.
+pub struct AuthThrottle {
+    per_minute: u32,
+    max_delay: Duration,
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl AuthThrottle {
+    pub fn new(per_minute: u32, max_delay_ms: u64) -> Self {
+        AuthThrottle { per_minute, max_delay: Duration::from_millis(max_delay_ms), failures: Mutex::new(HashMap::new()) }
+    }
+
+    /// Records a failure and returns how long to wait before answering it.
+    pub fn failure(&self, ip: IpAddr) -> Duration {
+        let now = Instant::now();
+        let mut map = match self.failures.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if map.len() > 100_000 {
+            map.retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(60));
+        }
+        let e = map.entry(ip).or_insert((now, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(60) {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        let over = e.1.saturating_sub(self.per_minute);
+        if over == 0 {
+            return Duration::ZERO;
+        }
+        let ms = 100u64.saturating_mul(1u64 << over.min(20));
+        Duration::from_millis(ms).min(self.max_delay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_grows_and_caps() {
+        let t = AuthThrottle::new(2, 2000);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(t.failure(ip), Duration::ZERO);
+        assert_eq!(t.failure(ip), Duration::ZERO);
+        let d1 = t.failure(ip);
+        let d2 = t.failure(ip);
+        assert!(d1 > Duration::ZERO && d2 > d1);
+        for _ in 0..30 {
+            assert!(t.failure(ip) <= Duration::from_millis(2000));
+        }
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(t.failure(other), Duration::ZERO);
+    }
+}
+
+/// Resolves when the node's shutdown signal is set (or its sender is gone).
+pub async fn until_shutdown(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

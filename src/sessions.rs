@@ -1,0 +1,215 @@
+//! The sessions table: bare JID → bound resources, each with a bounded outbound queue.
+//!
+//! Sharded (DashMap) so that routing to different users does not contend on one lock; the lock
+//! of a shard is never held across an `.await`. A queue that is full means the session's reader
+//! is not keeping up: the stanza is refused (the router then applies the RFC's fallback) and the
+//! session is told to close, so a slow reader can never make the server's memory grow.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use halyard_xep::host::ResourceInfo;
+use jid::{BareJid, FullJid, Jid};
+use minidom::Element;
+use tokio::sync::mpsc;
+
+use crate::stream::StreamError;
+
+/// What a session's writer receives.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A serialised stanza, written as is.
+    Data(Bytes),
+    /// Close the stream with this error.
+    Close(StreamError),
+}
+
+pub type OutboundTx = mpsc::Sender<Outbound>;
+
+struct Entry {
+    resource: String,
+    conn_id: u64,
+    tx: OutboundTx,
+    priority: i8,
+    presence: Option<Element>,
+    roster_interested: bool,
+    directed: Vec<Jid>,
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    map: DashMap<BareJid, Vec<Entry>>,
+    count: AtomicU64,
+}
+
+/// The result of trying to queue a stanza for one resource.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Queued {
+    Yes,
+    NoSuchResource,
+    /// The resource's queue is full; it has been told to close.
+    Overloaded,
+}
+
+impl Sessions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of bound resources on this node.
+    pub fn len(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Binds `full` to a connection. Returns the sender of a session it replaced (same full
+    /// JID), which the caller closes with `conflict`.
+    pub fn bind(&self, full: &FullJid, conn_id: u64, tx: OutboundTx) -> Option<OutboundTx> {
+        let mut list = self.map.entry(full.to_bare()).or_default();
+        let entry = Entry {
+            resource: full.resource().to_string(),
+            conn_id,
+            tx,
+            priority: 0,
+            presence: None,
+            roster_interested: false,
+            directed: Vec::new(),
+        };
+        if let Some(old) = list.iter_mut().find(|e| e.resource == full.resource().as_str()) {
+            let prev = std::mem::replace(old, entry);
+            return Some(prev.tx);
+        }
+        list.push(entry);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// Whether `resource` is bound for `bare`.
+    pub fn is_bound(&self, full: &FullJid) -> bool {
+        self.with(full, |_| ()).is_some()
+    }
+
+    /// Unbinds `full` if it still belongs to connection `conn_id` (it may have been replaced).
+    /// Returns its last available presence and directed-presence list when it was removed.
+    pub fn unbind(&self, full: &FullJid, conn_id: u64) -> Option<(Option<Element>, Vec<Jid>)> {
+        let bare = full.to_bare();
+        let mut removed = None;
+        let now_empty = {
+            let mut list = self.map.get_mut(&bare)?;
+            if let Some(pos) = list.iter().position(|e| e.resource == full.resource().as_str() && e.conn_id == conn_id) {
+                let e = list.swap_remove(pos);
+                self.count.fetch_sub(1, Ordering::Relaxed);
+                removed = Some((e.presence, e.directed));
+            }
+            list.is_empty()
+        };
+        if now_empty {
+            self.map.remove_if(&bare, |_, l| l.is_empty());
+        }
+        removed
+    }
+
+    fn with<R>(&self, full: &FullJid, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        let mut list = self.map.get_mut(&full.to_bare())?;
+        list.iter_mut().find(|e| e.resource == full.resource().as_str()).map(f)
+    }
+
+    pub fn resources(&self, bare: &BareJid) -> Vec<ResourceInfo> {
+        let Some(list) = self.map.get(bare) else { return Vec::new() };
+        list.iter()
+            .filter_map(|e| {
+                let jid = FullJid::from_parts(bare.node(), bare.domain(), &jid::ResourcePart::new(&e.resource).ok()?);
+                Some(ResourceInfo {
+                    jid,
+                    priority: e.priority,
+                    presence: e.presence.clone(),
+                    roster_interested: e.roster_interested,
+                })
+            })
+            .collect()
+    }
+
+    /// Full JIDs of every bound resource of `bare`.
+    pub fn bound(&self, bare: &BareJid) -> Vec<FullJid> {
+        self.resources(bare).into_iter().map(|r| r.jid).collect()
+    }
+
+    pub fn set_presence(&self, full: &FullJid, presence: Option<(Element, i8)>) {
+        self.with(full, |e| match presence {
+            Some((p, prio)) => {
+                e.presence = Some(p);
+                e.priority = prio;
+            }
+            None => e.presence = None,
+        });
+    }
+
+    pub fn set_roster_interested(&self, full: &FullJid) {
+        self.with(full, |e| e.roster_interested = true);
+    }
+
+    pub fn add_directed(&self, full: &FullJid, to: &Jid) {
+        self.with(full, |e| {
+            if !e.directed.contains(to) {
+                e.directed.push(to.clone());
+            }
+        });
+    }
+
+    pub fn remove_directed(&self, full: &FullJid, to: &Jid) {
+        self.with(full, |e| e.directed.retain(|j| j != to));
+    }
+
+    pub fn directed(&self, full: &FullJid) -> Vec<Jid> {
+        self.with(full, |e| e.directed.clone()).unwrap_or_default()
+    }
+
+    /// Queues serialised bytes for one resource without waiting.
+    pub fn send(&self, full: &FullJid, data: Bytes) -> Queued {
+        let Some(tx) = self.with(full, |e| e.tx.clone()) else { return Queued::NoSuchResource };
+        match tx.try_send(Outbound::Data(data)) {
+            Ok(()) => Queued::Yes,
+            Err(mpsc::error::TrySendError::Closed(_)) => Queued::NoSuchResource,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(jid = %full, "outbound queue full: disconnecting slow reader");
+                let tx2 = tx.clone();
+                // The close must not wait behind the full queue: a separate task parks on it,
+                // and the session's write timeout closes the connection if it never drains.
+                tokio::spawn(async move {
+                    let _ = tx2
+                        .send(Outbound::Close(StreamError::new(
+                            crate::stream::StreamErrorKind::PolicyViolation,
+                            "outbound queue limit reached: the client is not reading",
+                        )))
+                        .await;
+                });
+                Queued::Overloaded
+            }
+        }
+    }
+
+    /// Tells every session of `bare` (or every session at all) to close with `err`.
+    pub fn close_all(&self, bare: Option<&BareJid>, err: &StreamError) -> usize {
+        let mut n = 0;
+        let mut close = |list: &Vec<Entry>| {
+            for e in list {
+                if e.tx.try_send(Outbound::Close(err.clone())).is_ok() {
+                    n += 1;
+                }
+            }
+        };
+        match bare {
+            Some(b) => {
+                if let Some(l) = self.map.get(b) {
+                    close(&l)
+                }
+            }
+            None => self.map.iter().for_each(|l| close(&l)),
+        }
+        n
+    }
+}

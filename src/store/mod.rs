@@ -1,0 +1,73 @@
+//! Storage: traits the core and modules persist through, and the embedded sled backend.
+//!
+//! Modules' store traits (roster, last activity) are defined in `halyard-xep` next to the
+//! modules; the account store is the core's. [`Stores`] bundles the implementations a node runs
+//! with, so a shared backend (PostgreSQL) can later replace sled without touching a module.
+
+pub mod sled;
+pub mod trees;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use halyard_xep::host::{LastActivityStore, RosterStore, StoreResult};
+use jid::BareJid;
+use serde::{Deserialize, Serialize};
+
+use crate::sasl::scram::{Hash, StoredCredentials};
+
+/// What is stored for an account: SCRAM credentials per hash (RFC 5802 §3), never the password.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Account {
+    pub scram: BTreeMap<String, StoredCredentials>,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+impl Account {
+    pub fn credentials(&self, hash: Hash) -> Option<&StoredCredentials> {
+        self.scram.get(hash.mechanism(false))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error("account {0} already exists")]
+    Exists(BareJid),
+    #[error("account {0} does not exist")]
+    NotFound(BareJid),
+    #[error(transparent)]
+    Store(#[from] halyard_xep::host::StoreError),
+}
+
+#[async_trait]
+pub trait AccountStore: Send + Sync {
+    /// Creates an account; fails if it exists. Durable when it returns.
+    async fn create(&self, user: &BareJid, account: &Account) -> Result<(), AccountError>;
+    async fn get(&self, user: &BareJid) -> StoreResult<Option<Account>>;
+    /// Replaces the credentials of an existing account. Durable when it returns.
+    async fn update(&self, user: &BareJid, account: &Account) -> Result<(), AccountError>;
+    /// Removes the account and everything it owns. Durable when it returns.
+    async fn remove(&self, user: &BareJid) -> Result<(), AccountError>;
+    async fn list(&self) -> StoreResult<Vec<BareJid>>;
+}
+
+/// The stores one node runs with.
+#[derive(Clone)]
+pub struct Stores {
+    pub accounts: Arc<dyn AccountStore>,
+    pub roster: Arc<dyn RosterStore>,
+    pub last: Arc<dyn LastActivityStore>,
+    /// Makes every acknowledged write durable (called at shutdown).
+    pub flush: Arc<dyn Fn() -> StoreResult<()> + Send + Sync>,
+}
+
+impl Stores {
+    /// Opens the embedded sled store under `data_dir`.
+    pub fn open_sled(data_dir: &std::path::Path) -> anyhow::Result<Stores> {
+        let s = Arc::new(sled::SledStore::open(data_dir)?);
+        let f = s.clone();
+        Ok(Stores { accounts: s.clone(), roster: s.clone(), last: s, flush: Arc::new(move || f.flush()) })
+    }
+}

@@ -1,0 +1,240 @@
+//! The embedded backend: sled 0.34.7 (pinned; its on-disk format will change before 1.0, which
+//! is why everything goes through the store traits).
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use halyard_xep::host::{LastActivity, LastActivityStore, RosterItem, RosterStore, StoreError, StoreResult};
+use jid::BareJid;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use super::trees;
+use super::{Account, AccountError, AccountStore};
+
+pub struct SledStore {
+    db: sled::Db,
+    accounts: sled::Tree,
+    roster: sled::Tree,
+    roster_version: sled::Tree,
+    last: sled::Tree,
+}
+
+fn err<E: std::error::Error + Send + Sync + 'static>(context: impl Into<String>) -> impl FnOnce(E) -> StoreError {
+    let context = context.into();
+    move |e| StoreError { context, source: Box::new(e) }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(bytes).map_err(err(format!("decoding {what}")))
+}
+
+fn encode<T: serde::Serialize>(what: &str, v: &T) -> StoreResult<Vec<u8>> {
+    serde_json::to_vec(v).map_err(err(format!("encoding {what}")))
+}
+
+impl SledStore {
+    pub fn open(dir: &Path) -> anyhow::Result<SledStore> {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", dir.display()))?;
+        let path = dir.join("store");
+        let db = sled::Config::new().path(&path).flush_every_ms(Some(200)).open().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the store at {}: {e} (another halyard process may be using it: stop it, or use its admin socket)",
+                path.display()
+            )
+        })?;
+        let open = |name: &str| db.open_tree(name).map_err(|e| anyhow::anyhow!("cannot open tree {name}: {e}"));
+        Ok(SledStore {
+            accounts: open(trees::ACCOUNTS)?,
+            roster: open(trees::ROSTER)?,
+            roster_version: open(trees::ROSTER_VERSION)?,
+            last: open(trees::LAST_ACTIVITY)?,
+            db,
+        })
+    }
+
+    pub fn flush(&self) -> StoreResult<()> {
+        self.db.flush().map(|_| ()).map_err(err("flushing the store"))
+    }
+
+    async fn flush_async(&self, what: &str) -> StoreResult<()> {
+        self.db.flush_async().await.map(|_| ()).map_err(err(format!("flushing after {what}")))
+    }
+
+    /// Applies a roster change and bumps the version in one transaction.
+    async fn roster_change(&self, user: &BareJid, key: Vec<u8>, value: Option<Vec<u8>>) -> StoreResult<u64> {
+        let owner = user.as_str().as_bytes().to_vec();
+        let res: Result<u64, TransactionError<()>> =
+            (&self.roster, &self.roster_version).transaction(|(roster, versions)| {
+                match &value {
+                    Some(v) => roster.insert(key.as_slice(), v.as_slice())?,
+                    None => roster.remove(key.as_slice())?,
+                };
+                let cur = versions.get(&owner)?.map(|v| be_u64(v.as_ref())).unwrap_or(0);
+                let next = cur + 1;
+                versions.insert(owner.as_slice(), &next.to_be_bytes())?;
+                Ok::<u64, ConflictableTransactionError<()>>(next)
+            });
+        let ver = res.map_err(|e| StoreError { context: "roster transaction".into(), source: format!("{e:?}").into() })?;
+        self.flush_async("roster change").await?;
+        Ok(ver)
+    }
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    let n = b.len().min(8);
+    a[8 - n..].copy_from_slice(&b[b.len() - n..]);
+    u64::from_be_bytes(a)
+}
+
+#[async_trait]
+impl AccountStore for SledStore {
+    async fn create(&self, user: &BareJid, account: &Account) -> Result<(), AccountError> {
+        let v = encode("account", account)?;
+        let swapped = self
+            .accounts
+            .compare_and_swap(user.as_str(), None as Option<&[u8]>, Some(v))
+            .map_err(err("creating account"))?;
+        if swapped.is_err() {
+            return Err(AccountError::Exists(user.clone()));
+        }
+        self.flush_async("account creation").await?;
+        Ok(())
+    }
+
+    async fn get(&self, user: &BareJid) -> StoreResult<Option<Account>> {
+        match self.accounts.get(user.as_str()).map_err(err("reading account"))? {
+            Some(v) => decode("account", &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn update(&self, user: &BareJid, account: &Account) -> Result<(), AccountError> {
+        let v = encode("account", account)?;
+        let prev = self
+            .accounts
+            .fetch_and_update(user.as_str(), |old| old.map(|_| v.clone()))
+            .map_err(err("updating account"))?;
+        if prev.is_none() {
+            return Err(AccountError::NotFound(user.clone()));
+        }
+        self.flush_async("account update").await?;
+        Ok(())
+    }
+
+    async fn remove(&self, user: &BareJid) -> Result<(), AccountError> {
+        // The account row goes first, so no one can log in while the rest is removed.
+        if self.accounts.remove(user.as_str()).map_err(err("removing account"))?.is_none() {
+            return Err(AccountError::NotFound(user.clone()));
+        }
+        let prefix = trees::owner_prefix(user.as_str());
+        let mut batch = sled::Batch::default();
+        for kv in self.roster.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(err("scanning roster for removal"))?;
+            batch.remove(k);
+        }
+        self.roster.apply_batch(batch).map_err(err("removing roster"))?;
+        self.roster_version.remove(user.as_str()).map_err(err("removing roster version"))?;
+        self.last.remove(user.as_str()).map_err(err("removing last activity"))?;
+        self.flush_async("account removal").await?;
+        Ok(())
+    }
+
+    async fn list(&self) -> StoreResult<Vec<BareJid>> {
+        let mut out = Vec::new();
+        for kv in self.accounts.iter() {
+            let (k, _) = kv.map_err(err("listing accounts"))?;
+            let s = String::from_utf8_lossy(&k);
+            match BareJid::new(&s) {
+                Ok(j) => out.push(j),
+                Err(e) => tracing::warn!(key = %s, error = %e, "skipping an account row with an invalid JID"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl RosterStore for SledStore {
+    async fn items(&self, user: &BareJid) -> StoreResult<Vec<RosterItem>> {
+        let mut out = Vec::new();
+        for kv in self.roster.scan_prefix(trees::owner_prefix(user.as_str())) {
+            let (_, v) = kv.map_err(err("scanning roster"))?;
+            out.push(decode("roster item", &v)?);
+        }
+        Ok(out)
+    }
+
+    async fn item(&self, user: &BareJid, contact: &BareJid) -> StoreResult<Option<RosterItem>> {
+        match self.roster.get(trees::owner_key(user.as_str(), contact.as_str())).map_err(err("reading roster item"))? {
+            Some(v) => decode("roster item", &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn put(&self, user: &BareJid, item: &RosterItem) -> StoreResult<u64> {
+        let key = trees::owner_key(user.as_str(), &item.jid);
+        self.roster_change(user, key, Some(encode("roster item", item)?)).await
+    }
+
+    async fn remove(&self, user: &BareJid, contact: &BareJid) -> StoreResult<u64> {
+        self.roster_change(user, trees::owner_key(user.as_str(), contact.as_str()), None).await
+    }
+
+    async fn version(&self, user: &BareJid) -> StoreResult<u64> {
+        Ok(self.roster_version.get(user.as_str()).map_err(err("reading roster version"))?.map(|v| be_u64(&v)).unwrap_or(0))
+    }
+}
+
+#[async_trait]
+impl LastActivityStore for SledStore {
+    async fn get(&self, user: &BareJid) -> StoreResult<Option<LastActivity>> {
+        match self.last.get(user.as_str()).map_err(err("reading last activity"))? {
+            Some(v) => decode("last activity", &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn set(&self, user: &BareJid, last: &LastActivity) -> StoreResult<()> {
+        // Not flushed here: sled's periodic flush is enough for an informational timestamp.
+        self.last.insert(user.as_str(), encode("last activity", last)?).map_err(err("writing last activity"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jid(s: &str) -> BareJid {
+        BareJid::new(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn accounts_create_once_and_remove_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let a = Account { scram: Default::default(), created: 1 };
+        s.create(&jid("a@x"), &a).await.unwrap();
+        assert!(matches!(s.create(&jid("a@x"), &a).await, Err(AccountError::Exists(_))));
+        let item = RosterItem { jid: "b@x".into(), in_roster: true, ..Default::default() };
+        assert_eq!(RosterStore::put(&s, &jid("a@x"), &item).await.unwrap(), 1);
+        assert_eq!(s.items(&jid("a@x")).await.unwrap(), vec![item]);
+        AccountStore::remove(&s, &jid("a@x")).await.unwrap();
+        assert!(s.items(&jid("a@x")).await.unwrap().is_empty());
+        assert_eq!(s.version(&jid("a@x")).await.unwrap(), 0);
+        assert!(AccountStore::get(&s, &jid("a@x")).await.unwrap().is_none());
+        assert!(matches!(AccountStore::remove(&s, &jid("a@x")).await, Err(AccountError::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn roster_prefix_does_not_leak_between_owners() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let item = RosterItem { jid: "c@x".into(), ..Default::default() };
+        RosterStore::put(&s, &jid("a@x"), &item).await.unwrap();
+        RosterStore::put(&s, &jid("a@xy"), &item).await.unwrap();
+        assert_eq!(s.items(&jid("a@x")).await.unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,29 @@
+//! Every sled tree, with its key and value layout. Keys that are scanned by prefix put the owner
+//! first, followed by a 0 byte (JIDs cannot contain NUL).
+
+/// Normalised bare JID → JSON [`crate::store::Account`].
+pub const ACCOUNTS: &str = "accounts";
+/// `owner_bare \0 contact_bare` → JSON [`halyard_xep::host::RosterItem`].
+pub const ROSTER: &str = "roster";
+/// Owner bare JID → roster version, u64 big-endian (bumped on every roster change).
+pub const ROSTER_VERSION: &str = "roster_version";
+/// Bare JID → JSON [`halyard_xep::host::LastActivity`] (last logout and status, XEP-0012).
+pub const LAST_ACTIVITY: &str = "last_activity";
+
+/// Every tree an account owns rows in, keyed or prefixed by its bare JID (used by removal).
+pub const OWNED_BY_ACCOUNT: &[&str] = &[ROSTER, ROSTER_VERSION, LAST_ACTIVITY];
+
+/// `owner \0` — the prefix of an owner's rows in a prefixed tree.
+pub fn owner_prefix(owner: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(owner.len() + 1);
+    k.extend_from_slice(owner.as_bytes());
+    k.push(0);
+    k
+}
+
+/// `owner \0 item`.
+pub fn owner_key(owner: &str, item: &str) -> Vec<u8> {
+    let mut k = owner_prefix(owner);
+    k.extend_from_slice(item.as_bytes());
+    k
+}

@@ -1,0 +1,251 @@
+//! Incremental stream reader with limits.
+//!
+//! Feed it bytes as they arrive; it returns one [`StreamEvent`] at a time and leaves the rest of
+//! the input for the next call, so a stream restart (after STARTTLS or SASL) can hand the
+//! remaining bytes to a fresh reader. The byte budget is charged as the parser consumes input, so
+//! an oversized stanza is refused as soon as it crosses the limit, not after it has been read.
+
+use minidom::tree_builder::TreeBuilder;
+use minidom::Element;
+use rxml::parser::{Parse, RawEvent, RawParser, WithOptions};
+use rxml::error::EndOrError;
+
+use super::{StreamError, StreamErrorKind};
+use halyard_xep::ns;
+
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// The stream header: an `<stream:stream>` element with the peer's attributes and no
+    /// children. For WebSocket framing, the `<open/>` element.
+    Open(Element),
+    /// A complete first-level element (stanza or nonza).
+    Element(Element),
+    /// The peer closed its stream (`</stream:stream>`).
+    Close,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_stanza_bytes: usize,
+    pub max_depth: usize,
+}
+
+pub struct XmlReader {
+    parser: RawParser,
+    builder: TreeBuilder,
+    limits: Limits,
+    /// Bytes charged to the first-level element being read.
+    stanza_bytes: usize,
+    opened: bool,
+    /// Whether the stream header declared `jabber:client` as the default namespace.
+    default_ns_ok: bool,
+    /// A header element has been read but not yet reported.
+    header_pending: bool,
+}
+
+fn parser_for(limits: &Limits) -> RawParser {
+    let mut opts = rxml::parser::Options::default();
+    // Attribute values and names are single tokens; never let one exceed the stanza budget.
+    opts.max_token_length = opts.max_token_length.min(limits.max_stanza_bytes);
+    RawParser::with_options(opts)
+}
+
+fn not_well_formed(e: impl std::fmt::Display) -> StreamError {
+    StreamError::new(StreamErrorKind::NotWellFormed, e.to_string())
+}
+
+impl XmlReader {
+    pub fn new(limits: Limits) -> Self {
+        XmlReader {
+            parser: parser_for(&limits),
+            builder: TreeBuilder::new(),
+            limits,
+            stanza_bytes: 0,
+            opened: false,
+            default_ns_ok: false,
+            header_pending: false,
+        }
+    }
+
+    /// A reader for one self-contained document (a WebSocket message): the root element itself is
+    /// the event, depth counting starts at it.
+    pub fn is_open(&self) -> bool {
+        self.opened
+    }
+
+    /// Drops parser state and buffers: a stream restart, or releasing memory while idle between
+    /// stanzas (the parser keeps only what an unfinished token needs).
+    pub fn reset(&mut self) {
+        *self = XmlReader::new(self.limits);
+    }
+
+    /// Frees scratch buffers while idle (between stanzas).
+    pub fn shrink(&mut self) {
+        if self.builder.depth() <= 1 && self.stanza_bytes == 0 {
+            self.parser.release_temporaries();
+        }
+    }
+
+    /// Parses from `input`, consuming bytes until one event is complete. Returns `Ok(None)` when
+    /// all of `input` was consumed without completing an event.
+    pub fn next(&mut self, input: &mut &[u8]) -> Result<Option<StreamEvent>, StreamError> {
+        loop {
+            if self.header_pending {
+                self.header_pending = false;
+                return self.header_event().map(Some);
+            }
+            let before = input.len();
+            let ev = match self.parser.parse(input, false) {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return Ok(None),
+                Err(EndOrError::NeedMoreData) => {
+                    self.charge(before - input.len())?;
+                    return Ok(None);
+                }
+                Err(EndOrError::Error(e)) => return Err(map_rxml_error(e)),
+            };
+            self.charge(before - input.len())?;
+            if let Some(out) = self.process(ev)? {
+                return Ok(Some(out));
+            }
+        }
+    }
+
+    /// Charges consumed bytes to the current first-level element.
+    fn charge(&mut self, n: usize) -> Result<(), StreamError> {
+        if self.builder.depth() >= 2 || (self.opened && self.builder.depth() == 1 && self.stanza_bytes > 0) {
+            self.stanza_bytes += n;
+            if self.stanza_bytes > self.limits.max_stanza_bytes {
+                return Err(StreamError::new(
+                    StreamErrorKind::PolicyViolation,
+                    format!("stanza exceeds the limit of {} bytes", self.limits.max_stanza_bytes),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn process(&mut self, ev: RawEvent) -> Result<Option<StreamEvent>, StreamError> {
+        let depth = self.builder.depth();
+        match &ev {
+            RawEvent::XmlDeclaration(..) => return Ok(None),
+            RawEvent::ElementHeadOpen(m, _) => {
+                if depth >= 1 {
+                    if depth == 1 {
+                        self.stanza_bytes = m.len();
+                    }
+                    if depth > self.limits.max_depth {
+                        return Err(StreamError::new(
+                            StreamErrorKind::PolicyViolation,
+                            format!("elements nested deeper than {} levels", self.limits.max_depth),
+                        ));
+                    }
+                }
+            }
+            RawEvent::Attribute(_, (None, name), value) if depth == 0 && name.as_str() == "xmlns" => {
+                self.default_ns_ok = value.as_str() == ns::CLIENT;
+            }
+            RawEvent::Text(_, text) if depth == 1 => {
+                // Whitespace between stanzas is a keepalive (RFC 6120 §4.6.1); anything else is
+                // character data where the grammar allows none.
+                if text.as_str().bytes().all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n')) {
+                    return Ok(None);
+                }
+                return Err(StreamError::new(StreamErrorKind::NotWellFormed, "text outside any stanza"));
+            }
+            _ => {}
+        }
+        let is_head_close = matches!(ev, RawEvent::ElementHeadClose(_));
+        let is_foot = matches!(ev, RawEvent::ElementFoot(_));
+        self.builder.process_event(ev).map_err(|e| match e {
+            minidom::Error::MissingNamespace => {
+                StreamError::new(StreamErrorKind::NotWellFormed, "element or attribute prefix without a namespace")
+            }
+            other => not_well_formed(other),
+        })?;
+        let new_depth = self.builder.depth();
+        if is_head_close && depth == 0 && new_depth == 1 {
+            // The stream header is complete.
+            self.opened = true;
+            return self.header_event().map(Some);
+        }
+        if is_foot {
+            if depth == 1 && new_depth == 0 {
+                return Ok(Some(StreamEvent::Close));
+            }
+            if new_depth == 1 {
+                self.stanza_bytes = 0;
+                return match self.builder.unshift_child() {
+                    Some(el) => Ok(Some(StreamEvent::Element(el))),
+                    None => Ok(None),
+                };
+            }
+        }
+        Ok(None)
+    }
+
+    fn header_event(&mut self) -> Result<StreamEvent, StreamError> {
+        let top = self.builder.top().ok_or_else(|| not_well_formed("no stream header"))?;
+        if top.name() != "stream" || !top.has_ns(ns::STREAM) {
+            return Err(StreamError::new(
+                StreamErrorKind::InvalidNamespace,
+                "the stream header must be <stream:stream xmlns:stream='http://etherx.jabber.org/streams'>",
+            ));
+        }
+        if !self.default_ns_ok {
+            return Err(StreamError::new(StreamErrorKind::InvalidNamespace, "the default namespace must be jabber:client"));
+        }
+        let mut header = Element::bare("stream", ns::STREAM);
+        for ((ns_, name), value) in top.attrs().iter() {
+            header.attrs_mut().insert(ns_.clone(), name.clone(), value.clone());
+        }
+        Ok(StreamEvent::Open(header))
+    }
+}
+
+fn map_rxml_error(e: rxml::Error) -> StreamError {
+    let msg = e.to_string();
+    if msg.contains("token length") || msg.contains("too long") {
+        return StreamError::new(StreamErrorKind::PolicyViolation, "an XML name or attribute value is too long");
+    }
+    if msg.contains("restricted xml") || msg.contains("entity") {
+        // DTDs, entity declarations and references, processing instructions and comments:
+        // RFC 6120 §11.1 says the stream is closed with `restricted-xml`.
+        return StreamError::new(StreamErrorKind::RestrictedXml, msg);
+    }
+    not_well_formed(msg)
+}
+
+/// Parses one complete element from `bytes` (a WebSocket message, a test fixture).
+pub fn parse_element(bytes: &[u8], limits: Limits) -> Result<Element, StreamError> {
+    if bytes.len() > limits.max_stanza_bytes {
+        return Err(StreamError::new(
+            StreamErrorKind::PolicyViolation,
+            format!("stanza exceeds the limit of {} bytes", limits.max_stanza_bytes),
+        ));
+    }
+    let mut opts = rxml::parser::Options::default();
+    opts.max_token_length = opts.max_token_length.min(limits.max_stanza_bytes);
+    let mut parser = RawParser::with_options(opts);
+    let mut builder = TreeBuilder::new();
+    let mut input = bytes;
+    loop {
+        match parser.parse(&mut input, true) {
+            Ok(Some(ev)) => {
+                if let RawEvent::ElementHeadOpen(..) = ev {
+                    if builder.depth() >= limits.max_depth {
+                        return Err(StreamError::new(
+                            StreamErrorKind::PolicyViolation,
+                            format!("elements nested deeper than {} levels", limits.max_depth),
+                        ));
+                    }
+                }
+                builder.process_event(ev).map_err(not_well_formed)?;
+            }
+            Ok(None) => break,
+            Err(EndOrError::NeedMoreData) => return Err(not_well_formed("incomplete element")),
+            Err(EndOrError::Error(e)) => return Err(map_rxml_error(e)),
+        }
+    }
+    builder.root.take().ok_or_else(|| not_well_formed("no element"))
+}

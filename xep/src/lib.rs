@@ -1,0 +1,46 @@
+//! Halyard's protocol modules.
+//!
+//! One file per XEP (or RFC 6121 feature), each opening with the spec it implements and what of it
+//! is supported, and exposing `register(&mut Registry)`. The core (`halyard` crate) owns sockets,
+//! sessions and storage; modules see it only through the [`Host`] trait defined here, so each can
+//! be tested with an in-memory host.
+//!
+//! Map:
+//! - [`stanza`]: the parsed header the router works with, and stanza-error builders;
+//! - [`registry`]: what modules register (IQ handlers by namespace, message/presence hooks with a
+//!   priority, disco features, session events);
+//! - [`host`]: the core's services as modules see them, and the store traits modules persist
+//!   through;
+//! - protocol modules: [`roster`], [`presence`] (RFC 6121), [`disco`] (XEP-0030), [`caps`]
+//!   (XEP-0115), [`ping`] (XEP-0199), [`version`] (XEP-0092), [`last`] (XEP-0012).
+
+pub mod host;
+pub mod ns;
+pub mod registry;
+pub mod stanza;
+#[cfg(test)]
+pub mod testing;
+
+pub mod caps;
+pub mod disco;
+pub mod last;
+pub mod ping;
+pub mod presence;
+pub mod roster;
+pub mod version;
+
+pub use host::Host;
+pub use registry::Registry;
+pub use stanza::{Kind, Stanza, StanzaError};
+
+/// Registers every module that ships with Halyard, in the order their hooks should see stanzas
+/// when priorities tie.
+pub fn register_all(reg: &mut Registry) {
+    roster::register(reg);
+    presence::register(reg);
+    disco::register(reg);
+    caps::register(reg);
+    ping::register(reg);
+    version::register(reg);
+    last::register(reg);
+}

@@ -1,0 +1,23 @@
+//! Namespaces the modules and the core share.
+pub const CLIENT: &str = "jabber:client";
+pub const STREAM: &str = "http://etherx.jabber.org/streams";
+pub const STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+pub const STREAMS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
+pub const TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
+pub const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
+pub const BIND: &str = "urn:ietf:params:xml:ns:xmpp-bind";
+pub const SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
+pub const FRAMING: &str = "urn:ietf:params:xml:ns:xmpp-framing";
+pub const ROSTER: &str = "jabber:iq:roster";
+pub const ROSTER_VER: &str = "urn:xmpp:features:rosterver";
+pub const PRE_APPROVAL: &str = "urn:xmpp:features:pre-approval";
+pub const DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
+pub const DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
+pub const CAPS: &str = "http://jabber.org/protocol/caps";
+pub const PING: &str = "urn:xmpp:ping";
+pub const VERSION: &str = "jabber:iq:version";
+pub const LAST: &str = "jabber:iq:last";
+pub const DELAY: &str = "urn:xmpp:delay";
+pub const SASL_CB: &str = "urn:xmpp:sasl-cb:0";
+pub const STREAM_LIMITS: &str = "urn:xmpp:stream-limits:0";
+pub const DATA_FORMS: &str = "jabber:x:data";

@@ -1,0 +1,229 @@
+//! The stanza as the router and modules see it: the raw element (routed as sent, so unknown
+//! attributes and payloads survive) plus a small parsed header.
+
+use jid::Jid;
+use minidom::Element;
+
+use crate::ns;
+
+/// The three stanza kinds of RFC 6120 §8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Message,
+    Presence,
+    Iq,
+}
+
+impl Kind {
+    pub fn of(el: &Element) -> Option<Kind> {
+        if !el.has_ns(ns::CLIENT) {
+            return None;
+        }
+        match el.name() {
+            "message" => Some(Kind::Message),
+            "presence" => Some(Kind::Presence),
+            "iq" => Some(Kind::Iq),
+            _ => None,
+        }
+    }
+}
+
+/// A stanza after the router has validated it and stamped `from`.
+#[derive(Debug, Clone)]
+pub struct Stanza {
+    pub kind: Kind,
+    /// The sender: the session's full JID, or a server/module address for generated stanzas.
+    pub from: Jid,
+    /// The addressee; `None` when the client left `to` out, which RFC 6120 §10.3 treats as the
+    /// sender's own account.
+    pub to: Option<Jid>,
+    pub el: Element,
+}
+
+impl Stanza {
+    /// The `type` attribute, with each kind's default applied (`normal` for messages, `available`
+    /// for presence, which RFC 6121 expresses as no type).
+    pub fn type_(&self) -> &str {
+        match (self.kind, self.el.attr("type")) {
+            (_, Some(t)) => t,
+            (Kind::Message, None) => "normal",
+            (Kind::Presence, None) => "available",
+            (Kind::Iq, None) => "",
+        }
+    }
+
+    pub fn id(&self) -> Option<&str> {
+        self.el.attr("id")
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.el.attr("type") == Some("error")
+    }
+
+    /// The one child element of an iq get/set (the router has checked there is exactly one).
+    pub fn payload(&self) -> Option<&Element> {
+        self.el.children().next()
+    }
+
+    /// An iq `result` for this iq request, optionally carrying a payload.
+    pub fn iq_result(&self, payload: Option<Element>) -> Element {
+        let mut b = Element::builder("iq", ns::CLIENT)
+            .attr(n("type"), "result")
+            .attr(n("from"), self.to_or_sender_bare())
+            .attr(n("to"), self.from.to_string());
+        if let Some(id) = self.id() {
+            b = b.attr(n("id"), id);
+        }
+        if let Some(p) = payload {
+            b = b.append(p);
+        }
+        b.build()
+    }
+
+    /// Where a reply should come from: the address the request was sent to, or the sender's own
+    /// bare JID when it had no `to` (RFC 6120 §10.3.3).
+    pub fn to_or_sender_bare(&self) -> String {
+        match &self.to {
+            Some(t) => t.to_string(),
+            None => self.from.to_bare().to_string(),
+        }
+    }
+
+    /// The error reply to this stanza, or `None` when it is itself an error (RFC 6120 §8.3.1: an
+    /// error is never answered with an error).
+    pub fn error_reply(&self, err: StanzaError) -> Option<Element> {
+        error_reply(&self.el, &self.from.to_string(), &self.to_or_sender_bare(), err)
+    }
+}
+
+/// Builds the error reply to `el` (from `reply_from`, to `reply_to`), keeping its name and id.
+/// Returns `None` for an error stanza.
+pub fn error_reply(el: &Element, reply_to: &str, reply_from: &str, err: StanzaError) -> Option<Element> {
+    if el.attr("type") == Some("error") {
+        return None;
+    }
+    let mut b = Element::builder(el.name(), ns::CLIENT)
+        .attr(n("type"), "error")
+        .attr(n("from"), reply_from)
+        .attr(n("to"), reply_to);
+    if let Some(id) = el.attr("id") {
+        b = b.attr(n("id"), id);
+    }
+    // Presence and message errors carry the original payload so the sender can tell which one
+    // failed (RFC 6120 §8.3.1 allows it); iq errors keep the query for the same reason.
+    for child in el.children() {
+        b = b.append(child.clone());
+    }
+    Some(b.append(err.to_element()).build())
+}
+
+/// RFC 6120 §8.3.3 defined conditions used by Halyard, with their §8.3.2 error types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StanzaError {
+    BadRequest(Option<String>),
+    Conflict(Option<String>),
+    FeatureNotImplemented(Option<String>),
+    Forbidden(Option<String>),
+    Gone(Option<String>),
+    InternalServerError(Option<String>),
+    ItemNotFound(Option<String>),
+    JidMalformed(Option<String>),
+    NotAcceptable(Option<String>),
+    NotAllowed(Option<String>),
+    NotAuthorized(Option<String>),
+    PolicyViolation(Option<String>),
+    RecipientUnavailable(Option<String>),
+    RemoteServerNotFound(Option<String>),
+    ResourceConstraint(Option<String>),
+    ServiceUnavailable(Option<String>),
+    UnexpectedRequest(Option<String>),
+}
+
+impl StanzaError {
+    fn parts(&self) -> (&'static str, &'static str, Option<&str>) {
+        use StanzaError::*;
+        let (cond, typ, text) = match self {
+            BadRequest(t) => ("bad-request", "modify", t),
+            Conflict(t) => ("conflict", "cancel", t),
+            FeatureNotImplemented(t) => ("feature-not-implemented", "cancel", t),
+            Forbidden(t) => ("forbidden", "auth", t),
+            Gone(t) => ("gone", "cancel", t),
+            InternalServerError(t) => ("internal-server-error", "cancel", t),
+            ItemNotFound(t) => ("item-not-found", "cancel", t),
+            JidMalformed(t) => ("jid-malformed", "modify", t),
+            NotAcceptable(t) => ("not-acceptable", "modify", t),
+            NotAllowed(t) => ("not-allowed", "cancel", t),
+            NotAuthorized(t) => ("not-authorized", "auth", t),
+            PolicyViolation(t) => ("policy-violation", "modify", t),
+            RecipientUnavailable(t) => ("recipient-unavailable", "wait", t),
+            RemoteServerNotFound(t) => ("remote-server-not-found", "cancel", t),
+            ResourceConstraint(t) => ("resource-constraint", "wait", t),
+            ServiceUnavailable(t) => ("service-unavailable", "cancel", t),
+            UnexpectedRequest(t) => ("unexpected-request", "wait", t),
+        };
+        (cond, typ, text.as_deref())
+    }
+
+    /// The defined condition's element name, e.g. `service-unavailable`.
+    pub fn condition(&self) -> &'static str {
+        self.parts().0
+    }
+
+    pub fn to_element(&self) -> Element {
+        let (cond, typ, text) = self.parts();
+        let mut b = Element::builder("error", ns::CLIENT)
+            .attr(n("type"), typ)
+            .append(Element::bare(cond, ns::STANZAS));
+        if let Some(t) = text {
+            b = b.append(
+                Element::builder("text", ns::STANZAS)
+                    .attr_ns(rxml_xml_ns(), n("lang"), "en")
+                    .append(t)
+                    .build(),
+            );
+        }
+        b.build()
+    }
+}
+
+fn rxml_xml_ns() -> minidom::rxml::Namespace<'static> {
+    minidom::rxml::Namespace::XML
+}
+
+/// An attribute name known to be a valid NCName at compile time.
+///
+/// minidom's builder takes `NcName`; every call site passes a literal, so the conversion cannot
+/// fail on input.
+pub fn n(name: &'static str) -> minidom::rxml::NcName {
+    minidom::rxml::NcName::try_from(name).expect("attribute literal is a valid NCName")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Element {
+        s.parse().expect("test xml")
+    }
+
+    #[test]
+    fn error_reply_swaps_addresses_and_keeps_id() {
+        let el = parse("<iq xmlns='jabber:client' type='get' id='a1' to='example.com'><q xmlns='urn:x'/></iq>");
+        let st = Stanza { kind: Kind::Iq, from: "u@example.com/r".parse().unwrap(), to: Some("example.com".parse().unwrap()), el };
+        let e = st.error_reply(StanzaError::ServiceUnavailable(None)).unwrap();
+        assert_eq!(e.attr("type"), Some("error"));
+        assert_eq!(e.attr("to"), Some("u@example.com/r"));
+        assert_eq!(e.attr("from"), Some("example.com"));
+        assert_eq!(e.attr("id"), Some("a1"));
+        let err = e.get_child("error", ns::CLIENT).unwrap();
+        assert_eq!(err.attr("type"), Some("cancel"));
+        assert!(err.has_child("service-unavailable", ns::STANZAS));
+    }
+
+    #[test]
+    fn errors_are_never_answered() {
+        let el = parse("<message xmlns='jabber:client' type='error'/>");
+        let st = Stanza { kind: Kind::Message, from: "u@example.com/r".parse().unwrap(), to: None, el };
+        assert!(st.error_reply(StanzaError::BadRequest(None)).is_none());
+    }
+}

@@ -1,0 +1,331 @@
+//! An in-memory [`Host`] for module tests: accounts, bound sessions (presence, priority, roster
+//! interest, directed presence), roster and last-activity stores behind `Mutex<HashMap>`s, and a
+//! log of every delivered stanza. It plays the router's part for presence hooks, iq handlers and
+//! session ends, so tests drive modules the way the core does.
+//!
+//! Addresses may be written short: `a` is `a@example.com`, `a/r` is `a@example.com/r`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use jid::{BareJid, FullJid, Jid};
+use minidom::rxml::Namespace;
+use minidom::Element;
+
+use crate::host::{Host, LastActivity, LastActivityStore, ResourceInfo, RosterItem, RosterStore, StoreResult};
+use crate::ns;
+use crate::registry::{Flow, IqReply, IqScope, Registry, Target};
+use crate::stanza::{n, Kind, Stanza};
+
+pub const DOMAIN: &str = "example.com";
+
+/// Expands a short address (`a`, `a/r`) to a full one; leaves anything with `@` or the bare domain
+/// alone.
+pub fn addr(s: &str) -> String {
+    if s.contains('@') || s == DOMAIN || s.starts_with(&format!("{DOMAIN}/")) {
+        return s.to_owned();
+    }
+    match s.split_once('/') {
+        Some((node, res)) => format!("{node}@{DOMAIN}/{res}"),
+        None => format!("{s}@{DOMAIN}"),
+    }
+}
+
+pub fn bare(s: &str) -> BareJid {
+    BareJid::new(&addr(s)).expect("test bare JID")
+}
+
+pub fn full(s: &str) -> FullJid {
+    FullJid::new(&addr(s)).expect("test full JID")
+}
+
+/// Parses test XML, adding the `jabber:client` namespace when it is missing and expanding a short
+/// `to`.
+pub fn xml(s: &str) -> Element {
+    let s = if s.contains("xmlns=") { s.to_owned() } else { s.replacen(' ', " xmlns='jabber:client' ", 1) };
+    let mut el: Element = s.parse().expect("test XML");
+    if let Some(to) = el.attr("to").map(addr) {
+        el.set_attr(Namespace::NONE, n("to"), to);
+    }
+    el
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A bound session as the core tracks it.
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    pub priority: i8,
+    pub presence: Option<Element>,
+    pub interested: bool,
+}
+
+/// A user's roster version and items by contact.
+type UserRoster = (u64, BTreeMap<String, RosterItem>);
+
+#[derive(Default)]
+pub struct MemRoster {
+    users: Mutex<HashMap<BareJid, UserRoster>>,
+}
+
+#[async_trait]
+impl RosterStore for MemRoster {
+    async fn items(&self, user: &BareJid) -> StoreResult<Vec<RosterItem>> {
+        Ok(lock(&self.users).get(user).map(|(_, m)| m.values().cloned().collect()).unwrap_or_default())
+    }
+    async fn item(&self, user: &BareJid, contact: &BareJid) -> StoreResult<Option<RosterItem>> {
+        Ok(lock(&self.users).get(user).and_then(|(_, m)| m.get(contact.as_str()).cloned()))
+    }
+    async fn put(&self, user: &BareJid, item: &RosterItem) -> StoreResult<u64> {
+        let mut users = lock(&self.users);
+        let (ver, m) = users.entry(user.clone()).or_default();
+        m.insert(item.jid.clone(), item.clone());
+        *ver += 1;
+        Ok(*ver)
+    }
+    async fn remove(&self, user: &BareJid, contact: &BareJid) -> StoreResult<u64> {
+        let mut users = lock(&self.users);
+        let (ver, m) = users.entry(user.clone()).or_default();
+        m.remove(contact.as_str());
+        *ver += 1;
+        Ok(*ver)
+    }
+    async fn version(&self, user: &BareJid) -> StoreResult<u64> {
+        Ok(lock(&self.users).get(user).map(|(v, _)| *v).unwrap_or(0))
+    }
+}
+
+#[derive(Default)]
+pub struct MemLast(Mutex<HashMap<BareJid, LastActivity>>);
+
+#[async_trait]
+impl LastActivityStore for MemLast {
+    async fn get(&self, user: &BareJid) -> StoreResult<Option<LastActivity>> {
+        Ok(lock(&self.0).get(user).cloned())
+    }
+    async fn set(&self, user: &BareJid, last: &LastActivity) -> StoreResult<()> {
+        lock(&self.0).insert(user.clone(), last.clone());
+        Ok(())
+    }
+}
+
+pub struct TestHost {
+    registry: Registry,
+    started: SystemTime,
+    accounts: Mutex<HashSet<BareJid>>,
+    sessions: Mutex<BTreeMap<FullJid, Session>>,
+    /// Kept apart from `sessions` so that it outlives the unbinding until the session hooks ran.
+    directed: Mutex<HashMap<FullJid, Vec<Jid>>>,
+    roster: MemRoster,
+    last: MemLast,
+    delivered: Mutex<Vec<(FullJid, Element)>>,
+    routed: Mutex<Vec<Element>>,
+}
+
+impl TestHost {
+    /// A host with the given accounts (short names) and the roster and presence modules.
+    pub fn new(accounts: &[&str]) -> Self {
+        let mut registry = Registry::new();
+        crate::roster::register(&mut registry);
+        crate::presence::register(&mut registry);
+        TestHost {
+            registry,
+            started: SystemTime::now(),
+            accounts: Mutex::new(accounts.iter().map(|a| bare(a)).collect()),
+            sessions: Mutex::default(),
+            directed: Mutex::default(),
+            roster: MemRoster::default(),
+            last: MemLast::default(),
+            delivered: Mutex::default(),
+            routed: Mutex::default(),
+        }
+    }
+
+    /// Binds a resource.
+    pub fn bind(&self, jid: &str) {
+        lock(&self.sessions).insert(full(jid), Session::default());
+    }
+
+    pub fn session(&self, jid: &str) -> Option<Session> {
+        lock(&self.sessions).get(&full(jid)).cloned()
+    }
+
+    /// Stores an item directly (test setup).
+    pub fn put_item(&self, user: &str, item: RosterItem) {
+        let mut users = lock(&self.roster.users);
+        let (ver, m) = users.entry(bare(user)).or_default();
+        m.insert(item.jid.clone(), item);
+        *ver += 1;
+    }
+
+    pub fn item(&self, user: &str, contact: &str) -> Option<RosterItem> {
+        lock(&self.roster.users).get(&bare(user)).and_then(|(_, m)| m.get(&addr(contact)).cloned())
+    }
+
+    fn stanza(&self, from: &str, xml_: &str) -> Stanza {
+        let mut el = xml(xml_);
+        let from = full(from);
+        el.set_attr(Namespace::NONE, n("from"), from.to_string());
+        let to = el.attr("to").map(|t| Jid::new(t).expect("test to"));
+        Stanza { kind: Kind::of(&el).expect("a stanza"), from: from.into(), to, el }
+    }
+
+    /// Runs the presence hooks as the router does; true when one handled the stanza.
+    pub async fn presence(&self, from: &str, xml_: &str) -> bool {
+        let st = self.stanza(from, xml_);
+        let target = match &st.to {
+            None => Target::Bare,
+            Some(to) if to.node().is_none() => Target::Host,
+            Some(to) if to.is_full() => Target::Full,
+            Some(_) => Target::Bare,
+        };
+        for hook in self.registry.presence_hooks() {
+            if hook.handle(self, &st, target).await == Flow::Handled {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Runs the account-scope iq handler for the payload's namespace.
+    pub async fn iq(&self, from: &str, xml_: &str) -> IqReply {
+        let st = self.stanza(from, xml_);
+        let ns = st.payload().map(|p| p.ns()).unwrap_or_default();
+        let handler = self.registry.iq_handler(IqScope::Account, &ns).expect("an iq handler").clone();
+        handler.handle(self, &st).await
+    }
+
+    /// Ends a session as the core does: runs the session hooks with its last presence, the session
+    /// unbound before (`unbind_first`) or after them; its directed presence is forgotten last.
+    pub async fn end(&self, jid: &str, unbind_first: bool) {
+        let jid = full(jid);
+        let presence = self.session(jid.as_str()).and_then(|s| s.presence);
+        if unbind_first {
+            lock(&self.sessions).remove(&jid);
+        }
+        for hook in self.registry.session_hooks() {
+            hook.ended(self, &jid, presence.as_ref()).await;
+        }
+        lock(&self.sessions).remove(&jid);
+        lock(&self.directed).remove(&jid);
+    }
+
+    pub fn directed(&self, jid: &str) -> Vec<Jid> {
+        self.directed_presence(&full(jid))
+    }
+
+    /// Drains the delivery log.
+    pub fn take(&self) -> Vec<(FullJid, Element)> {
+        std::mem::take(&mut *lock(&self.delivered))
+    }
+
+    /// Drains the delivery log as one line per stanza (see [`summary`]).
+    pub fn lines(&self) -> Vec<String> {
+        self.take().iter().map(|(to, el)| summary(to, el)).collect()
+    }
+
+    pub fn routed(&self) -> Vec<Element> {
+        lock(&self.routed).clone()
+    }
+}
+
+/// A delivery as one short line: `b/r: subscribe a -> b` for presence (type `available` when
+/// absent), `a/r: push b none ask` for a roster push, `a/r: error bad-request` for an error, the
+/// XML otherwise; `@example.com` is left out.
+pub fn summary(to: &FullJid, el: &Element) -> String {
+    let line = if el.name() == "presence" && el.attr("type") == Some("error") {
+        let cond = el.get_child("error", ns::CLIENT).and_then(|e| e.children().next()).map(|c| c.name().to_owned());
+        format!("{to}: error {}", cond.unwrap_or_default())
+    } else if el.name() == "presence" {
+        let t = el.attr("type").unwrap_or("available");
+        format!("{to}: {t} {} -> {}", el.attr("from").unwrap_or("?"), el.attr("to").unwrap_or("?"))
+    } else if let Some(item) = el.get_child("query", ns::ROSTER).and_then(|q| q.get_child("item", ns::ROSTER)) {
+        let mut s = format!("{to}: push {} {}", item.attr("jid").unwrap_or("?"), item.attr("subscription").unwrap_or("?"));
+        for flag in ["ask", "approved"] {
+            if item.attr(flag).is_some() {
+                s.push(' ');
+                s.push_str(flag);
+            }
+        }
+        s
+    } else {
+        String::from(el)
+    };
+    line.replace(&format!("@{DOMAIN}"), "")
+}
+
+#[async_trait]
+impl Host for TestHost {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+    fn is_local_domain(&self, domain: &str) -> bool {
+        domain == DOMAIN
+    }
+    fn started_at(&self) -> SystemTime {
+        self.started
+    }
+    async fn route(&self, el: Element) {
+        lock(&self.routed).push(el);
+    }
+    fn deliver(&self, to: &FullJid, el: &Element) -> bool {
+        if !lock(&self.sessions).contains_key(to) {
+            return false;
+        }
+        lock(&self.delivered).push((to.clone(), el.clone()));
+        true
+    }
+    fn resources(&self, user: &BareJid) -> Vec<ResourceInfo> {
+        lock(&self.sessions)
+            .iter()
+            .filter(|(jid, _)| jid.to_bare() == *user)
+            .map(|(jid, s)| ResourceInfo {
+                jid: jid.clone(),
+                priority: s.priority,
+                presence: s.presence.clone(),
+                roster_interested: s.interested,
+            })
+            .collect()
+    }
+    fn set_presence(&self, full: &FullJid, presence: Option<(Element, i8)>) {
+        if let Some(s) = lock(&self.sessions).get_mut(full) {
+            match presence {
+                Some((el, prio)) => (s.presence, s.priority) = (Some(el), prio),
+                None => s.presence = None,
+            }
+        }
+    }
+    fn set_roster_interested(&self, full: &FullJid) {
+        if let Some(s) = lock(&self.sessions).get_mut(full) {
+            s.interested = true;
+        }
+    }
+    fn add_directed_presence(&self, full: &FullJid, to: &Jid) {
+        let mut directed = lock(&self.directed);
+        let list = directed.entry(full.clone()).or_default();
+        if !list.contains(to) {
+            list.push(to.clone());
+        }
+    }
+    fn remove_directed_presence(&self, full: &FullJid, to: &Jid) {
+        if let Some(list) = lock(&self.directed).get_mut(full) {
+            list.retain(|j| j != to);
+        }
+    }
+    fn directed_presence(&self, full: &FullJid) -> Vec<Jid> {
+        lock(&self.directed).get(full).cloned().unwrap_or_default()
+    }
+    async fn account_exists(&self, user: &BareJid) -> StoreResult<bool> {
+        Ok(lock(&self.accounts).contains(user))
+    }
+    fn roster(&self) -> &dyn RosterStore {
+        &self.roster
+    }
+    fn last_activity(&self) -> &dyn LastActivityStore {
+        &self.last
+    }
+}
