@@ -13,7 +13,10 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid configuration: {0}")]
@@ -121,7 +124,12 @@ impl Default for Config {
 impl Default for Listeners {
     fn default() -> Self {
         let any = |p: u16| SocketAddr::from(([0, 0, 0, 0], p));
-        Listeners { c2s: vec![any(5222)], c2s_tls: vec![any(5223)], http: vec![any(5280)], https: vec![any(5281)] }
+        Listeners {
+            c2s: vec![any(5222)],
+            c2s_tls: vec![any(5223)],
+            http: vec![any(5280)],
+            https: vec![any(5281)],
+        }
     }
 }
 
@@ -156,7 +164,10 @@ impl Default for Auth {
 
 impl Default for Http {
     fn default() -> Self {
-        Http { trusted_proxies: Vec::new(), websocket_origins: Vec::new() }
+        Http {
+            trusted_proxies: Vec::new(),
+            websocket_origins: Vec::new(),
+        }
     }
 }
 
@@ -178,8 +189,14 @@ impl C2s {
 impl Config {
     /// Loads `path`, resolving relative paths against its folder, and validates it.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let mut cfg = Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut cfg = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.into(),
+            message,
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         cfg.resolve_paths(&base);
         Ok(cfg)
@@ -199,7 +216,10 @@ impl Config {
     }
 
     pub fn primary_domain(&self) -> &str {
-        self.domains.first().map(String::as_str).unwrap_or("localhost")
+        self.domains
+            .first()
+            .map(String::as_str)
+            .unwrap_or("localhost")
     }
 
     /// Normalises domains (RFC 7622 via the `jid` crate) and checks every rule, returning all
@@ -207,7 +227,10 @@ impl Config {
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         if self.domains.is_empty() {
-            problems.push("`domains` is empty: list at least one domain, e.g. domains = [\"example.com\"]".to_string());
+            problems.push(
+                "`domains` is empty: list at least one domain, e.g. domains = [\"example.com\"]"
+                    .to_string(),
+            );
         }
         let mut normalised = Vec::new();
         for d in &self.domains {
@@ -227,15 +250,21 @@ impl Config {
             problems.push("c2s.max_stanza_bytes must be at least 10000 (RFC 6120 §13.12 requires accepting 10000-byte stanzas)".into());
         }
         if self.c2s.max_depth < 4 {
-            problems.push("c2s.max_depth must be at least 4, or ordinary stanzas are refused".into());
+            problems
+                .push("c2s.max_depth must be at least 4, or ordinary stanzas are refused".into());
         }
         if self.c2s.outbound_queue == 0 {
             problems.push("c2s.outbound_queue must be at least 1".into());
         }
         if self.c2s.preauth_max_bytes < 4096 {
-            problems.push("c2s.preauth_max_bytes must be at least 4096, or SASL cannot complete".into());
+            problems.push(
+                "c2s.preauth_max_bytes must be at least 4096, or SASL cannot complete".into(),
+            );
         }
-        if self.c2s.idle_timeout_secs == 0 || self.c2s.ping_timeout_secs == 0 || self.c2s.preauth_timeout_secs == 0 {
+        if self.c2s.idle_timeout_secs == 0
+            || self.c2s.ping_timeout_secs == 0
+            || self.c2s.preauth_timeout_secs == 0
+        {
             problems.push("c2s timeouts must be at least 1 second".into());
         }
         if self.auth.max_failures_per_connection == 0 {
@@ -267,7 +296,8 @@ mod tests {
 
     #[test]
     fn bad_values_say_the_fix() {
-        let mut c = Config::parse("domains = [\"Exa mple\"]\n[auth]\nscram_iterations = 10").unwrap();
+        let mut c =
+            Config::parse("domains = [\"Exa mple\"]\n[auth]\nscram_iterations = 10").unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("scram_iterations"), "{err}");
         assert!(err.contains("not a valid domain"), "{err}");

@@ -52,7 +52,11 @@ pub struct Bound {
 }
 
 fn join(addrs: &[SocketAddr]) -> String {
-    addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Installs the process-wide rustls crypto provider (ring). Idempotent.
@@ -64,7 +68,11 @@ pub fn install_crypto_provider() {
 /// returns once all are bound. `ready` receives the bound addresses. The returned future runs
 /// until `shutdown` turns true, then closes every session with `system-shutdown`, flushes
 /// storage and returns (within about two seconds).
-pub async fn serve(mut config: Config, shutdown: watch::Receiver<bool>, ready: Option<tokio::sync::oneshot::Sender<Bound>>) -> anyhow::Result<()> {
+pub async fn serve(
+    mut config: Config,
+    shutdown: watch::Receiver<bool>,
+    ready: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> anyhow::Result<()> {
     install_crypto_provider();
     config.validate()?;
     if !config.c2s.require_tls {
@@ -72,7 +80,12 @@ pub async fn serve(mut config: Config, shutdown: watch::Receiver<bool>, ready: O
     }
     let stores = Stores::open_sled(&config.data_dir)?;
     let tls = tls::load(&config.certs_dir, &config.domains)?;
-    let server = Arc::new(Server::new(config.clone(), stores.clone(), Some(tls), shutdown.clone()));
+    let server = Arc::new(Server::new(
+        config.clone(),
+        stores.clone(),
+        Some(tls),
+        shutdown.clone(),
+    ));
     tracing::info!(modules = ?server.registry.modules(), domains = ?config.domains, "starting");
 
     let mut set = JoinSet::new();
@@ -113,7 +126,10 @@ pub async fn serve(mut config: Config, shutdown: watch::Receiver<bool>, ready: O
 
     let mut sd = shutdown.clone();
     crate::server::until_shutdown(&mut sd).await;
-    tracing::info!(connections = server.connections.load(Ordering::Relaxed), "shutting down");
+    tracing::info!(
+        connections = server.connections.load(Ordering::Relaxed),
+        "shutting down"
+    );
     // Sessions see the same signal and send system-shutdown themselves; give them a moment.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
     while server.connections.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {

@@ -99,10 +99,17 @@ fn main() -> ExitCode {
 fn load_config(g: &Global) -> anyhow::Result<(Config, String)> {
     let (mut cfg, source) = match &g.config {
         Some(p) => {
-            anyhow::ensure!(p.exists(), "config file {} does not exist (check --config)", p.display());
+            anyhow::ensure!(
+                p.exists(),
+                "config file {} does not exist (check --config)",
+                p.display()
+            );
             (Config::load(p)?, p.display().to_string())
         }
-        None if Path::new("config.toml").exists() => (Config::load(Path::new("config.toml"))?, "config.toml".into()),
+        None if Path::new("config.toml").exists() => (
+            Config::load(Path::new("config.toml"))?,
+            "config.toml".into(),
+        ),
         None => {
             let mut c = Config::default();
             c.resolve_paths(&std::env::current_dir().unwrap_or_default());
@@ -126,7 +133,10 @@ fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn parse_addrs(values: &[String], flag: &str) -> anyhow::Result<Option<Vec<SocketAddr>>> {
@@ -138,13 +148,18 @@ fn parse_addrs(values: &[String], flag: &str) -> anyhow::Result<Option<Vec<Socke
         if v == "none" {
             continue;
         }
-        out.push(v.parse().with_context(|| format!("--{flag} {v:?} is not an address: use IP:PORT, e.g. 127.0.0.1:5222, or none"))?);
+        out.push(v.parse().with_context(|| {
+            format!("--{flag} {v:?} is not an address: use IP:PORT, e.g. 127.0.0.1:5222, or none")
+        })?);
     }
     Ok(Some(out))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     match cli.cmd.unwrap_or(Cmd::Serve(ServeArgs::default())) {
         Cmd::Serve(args) => {
             let (mut cfg, source) = load_config(&cli.global)?;
@@ -180,8 +195,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (cfg, _) = load_config(&cli.global)?;
             init_logging(cli.global.log.as_deref().unwrap_or("warn"));
             let req = match u {
-                UserCmd::Add { jid, password } => Request::UserAdd { jid, password: password_or_stdin(password)? },
-                UserCmd::Passwd { jid, password } => Request::UserPasswd { jid, password: password_or_stdin(password)? },
+                UserCmd::Add { jid, password } => Request::UserAdd {
+                    jid,
+                    password: password_or_stdin(password)?,
+                },
+                UserCmd::Passwd { jid, password } => Request::UserPasswd {
+                    jid,
+                    password: password_or_stdin(password)?,
+                },
                 UserCmd::Remove { jid } => Request::UserRemove { jid },
                 UserCmd::List => Request::UserList,
             };
@@ -203,7 +224,12 @@ async fn admin_request(cfg: &Config, req: Request) -> anyhow::Result<admin::Resp
         return Ok(r);
     }
     let stores = halyard::store::Stores::open_sled(&cfg.data_dir)?;
-    let ctx = admin::Context { stores: &stores, server: None, domains: &cfg.domains, scram_iterations: cfg.auth.scram_iterations };
+    let ctx = admin::Context {
+        stores: &stores,
+        server: None,
+        domains: &cfg.domains,
+        scram_iterations: cfg.auth.scram_iterations,
+    };
     let resp = admin::execute(&ctx, req).await;
     (stores.flush)()?;
     Ok(resp)
@@ -214,15 +240,24 @@ fn password_or_stdin(p: Option<String>) -> anyhow::Result<String> {
         return Ok(p);
     }
     let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).context("reading the password from stdin")?;
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
     let pw = line.trim_end_matches(['\r', '\n']).to_string();
-    anyhow::ensure!(!pw.is_empty(), "no password given: pass --password PW or write it on stdin");
+    anyhow::ensure!(
+        !pw.is_empty(),
+        "no password given: pass --password PW or write it on stdin"
+    );
     Ok(pw)
 }
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };

@@ -1,10 +1,10 @@
 //! The node's shared state, and the core's side of the module contract ([`Host`]).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
-use std::collections::HashMap;
 
 use async_trait::async_trait;
 use halyard_xep::host::{Host, LastActivityStore, ResourceInfo, RosterStore, StoreResult};
@@ -38,13 +38,21 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(config: Config, stores: Stores, tls: Option<Tls>, shutdown: watch::Receiver<bool>) -> Server {
+    pub fn new(
+        config: Config,
+        stores: Stores,
+        tls: Option<Tls>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Server {
         let mut registry = Registry::new();
         halyard_xep::register_all(&mut registry);
         let caps = halyard_xep::caps::element(&registry);
         let mut secret = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut secret);
-        let auth_throttle = AuthThrottle::new(config.auth.failures_per_minute_per_ip, config.auth.max_delay_ms);
+        let auth_throttle = AuthThrottle::new(
+            config.auth.failures_per_minute_per_ip,
+            config.auth.max_delay_ms,
+        );
         Server {
             config,
             registry,
@@ -148,7 +156,11 @@ pub struct AuthThrottle {
 
 impl AuthThrottle {
     pub fn new(per_minute: u32, max_delay_ms: u64) -> Self {
-        AuthThrottle { per_minute, max_delay: Duration::from_millis(max_delay_ms), failures: Mutex::new(HashMap::new()) }
+        AuthThrottle {
+            per_minute,
+            max_delay: Duration::from_millis(max_delay_ms),
+            failures: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Records a failure and returns how long to wait before answering it.

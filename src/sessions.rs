@@ -79,7 +79,10 @@ impl Sessions {
             roster_interested: false,
             directed: Vec::new(),
         };
-        if let Some(old) = list.iter_mut().find(|e| e.resource == full.resource().as_str()) {
+        if let Some(old) = list
+            .iter_mut()
+            .find(|e| e.resource == full.resource().as_str())
+        {
             let prev = std::mem::replace(old, entry);
             return Some(prev.tx);
         }
@@ -100,7 +103,10 @@ impl Sessions {
         let mut removed = None;
         let now_empty = {
             let mut list = self.map.get_mut(&bare)?;
-            if let Some(pos) = list.iter().position(|e| e.resource == full.resource().as_str() && e.conn_id == conn_id) {
+            if let Some(pos) = list
+                .iter()
+                .position(|e| e.resource == full.resource().as_str() && e.conn_id == conn_id)
+            {
                 let e = list.swap_remove(pos);
                 self.count.fetch_sub(1, Ordering::Relaxed);
                 removed = Some((e.presence, e.directed));
@@ -115,14 +121,22 @@ impl Sessions {
 
     fn with<R>(&self, full: &FullJid, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
         let mut list = self.map.get_mut(&full.to_bare())?;
-        list.iter_mut().find(|e| e.resource == full.resource().as_str()).map(f)
+        list.iter_mut()
+            .find(|e| e.resource == full.resource().as_str())
+            .map(f)
     }
 
     pub fn resources(&self, bare: &BareJid) -> Vec<ResourceInfo> {
-        let Some(list) = self.map.get(bare) else { return Vec::new() };
+        let Some(list) = self.map.get(bare) else {
+            return Vec::new();
+        };
         list.iter()
             .filter_map(|e| {
-                let jid = FullJid::from_parts(bare.node(), bare.domain(), &jid::ResourcePart::new(&e.resource).ok()?);
+                let jid = FullJid::from_parts(
+                    bare.node(),
+                    bare.domain(),
+                    &jid::ResourcePart::new(&e.resource).ok()?,
+                );
                 Some(ResourceInfo {
                     jid,
                     priority: e.priority,
@@ -170,7 +184,9 @@ impl Sessions {
 
     /// Queues serialised bytes for one resource without waiting.
     pub fn send(&self, full: &FullJid, data: Bytes) -> Queued {
-        let Some(tx) = self.with(full, |e| e.tx.clone()) else { return Queued::NoSuchResource };
+        let Some(tx) = self.with(full, |e| e.tx.clone()) else {
+            return Queued::NoSuchResource;
+        };
         match tx.try_send(Outbound::Data(data)) {
             Ok(()) => Queued::Yes,
             Err(mpsc::error::TrySendError::Closed(_)) => Queued::NoSuchResource,

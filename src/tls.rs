@@ -41,7 +41,10 @@ impl ResolvesServerCert for Resolver {
 }
 
 fn cert_paths(dir: &Path, domain: &str) -> (PathBuf, PathBuf) {
-    (dir.join(format!("{domain}.crt")), dir.join(format!("{domain}.key")))
+    (
+        dir.join(format!("{domain}.crt")),
+        dir.join(format!("{domain}.key")),
+    )
 }
 
 /// Loads `certs/<domain>.crt` and `.key` for every domain, generating a self-signed pair for a
@@ -63,23 +66,35 @@ pub fn load(certs_dir: &Path, domains: &[String]) -> anyhow::Result<Tls> {
             .load_private_key(key_der)
             .with_context(|| format!("unsupported private key in {}", key.display()))?;
         let ck = Arc::new(CertifiedKey::new(chain.clone(), signing));
-        let hash = chain.first().map(|c| end_point_hash(c.as_ref())).unwrap_or_default();
+        let hash = chain
+            .first()
+            .map(|c| end_point_hash(c.as_ref()))
+            .unwrap_or_default();
         first.get_or_insert_with(|| (ck.clone(), hash.clone()));
         by_name.insert(domain.clone(), ck);
         end_point.insert(domain.clone(), hash);
     }
     let (default, default_end_point) = first.context("no domain configured")?;
-    let resolver = Arc::new(Resolver { by_name, default, end_point, default_end_point });
+    let resolver = Arc::new(Resolver {
+        by_name,
+        default,
+        end_point,
+        default_end_point,
+    });
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("building the TLS configuration")?
         .with_no_client_auth()
         .with_cert_resolver(resolver.clone());
-    Ok(Tls { acceptor: TlsAcceptor::from(Arc::new(config)), resolver })
+    Ok(Tls {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        resolver,
+    })
 }
 
 fn read_chain(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = std::fs::read(path).with_context(|| format!("cannot read certificate {}", path.display()))?;
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read certificate {}", path.display()))?;
     let chain: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<_, _>>()
         .with_context(|| format!("{} is not a PEM certificate chain", path.display()))?;
@@ -88,7 +103,8 @@ fn read_chain(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 }
 
 fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem = std::fs::read(path).with_context(|| format!("cannot read private key {}", path.display()))?;
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read private key {}", path.display()))?;
     rustls_pemfile::private_key(&mut pem.as_slice())
         .with_context(|| format!("{} is not a PEM private key", path.display()))?
         .with_context(|| format!("{} holds no private key", path.display()))
@@ -96,12 +112,19 @@ fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
 
 /// Generates a self-signed certificate for `domain`, `*.domain` and 127.0.0.1.
 fn generate(dir: &Path, domain: &str) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create certs folder {}", dir.display()))?;
-    let names = vec![domain.to_string(), format!("*.{domain}"), "127.0.0.1".to_string()];
-    let ck = rcgen::generate_simple_self_signed(names).context("generating a self-signed certificate")?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create certs folder {}", dir.display()))?;
+    let names = vec![
+        domain.to_string(),
+        format!("*.{domain}"),
+        "127.0.0.1".to_string(),
+    ];
+    let ck = rcgen::generate_simple_self_signed(names)
+        .context("generating a self-signed certificate")?;
     let (crt, key) = cert_paths(dir, domain);
     write_private(&key, ck.signing_key.serialize_pem().as_bytes())?;
-    std::fs::write(&crt, ck.cert.pem()).with_context(|| format!("cannot write {}", crt.display()))?;
+    std::fs::write(&crt, ck.cert.pem())
+        .with_context(|| format!("cannot write {}", crt.display()))?;
     tracing::warn!(
         domain,
         cert = %crt.display(),
@@ -119,8 +142,11 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(data).with_context(|| format!("cannot write {}", path.display()))
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// RFC 5929 §4.1: the certificate hashed with its signature's hash function, SHA-256 for MD5 and
@@ -159,15 +185,25 @@ impl Tls {
         // No -PLUS at all on TLS 1.2: clients there (slixmpp, others using OpenSSL) pick
         // `tls-unique`, which rustls cannot provide, and would fail instead of falling back.
         if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
-            return ChannelBindings { tls_exporter: None, tls_server_end_point: None, tls: true };
+            return ChannelBindings {
+                tls_exporter: None,
+                tls_server_end_point: None,
+                tls: true,
+            };
         }
-        let tls_exporter =
-            conn.export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None).ok().map(|o| o.to_vec());
+        let tls_exporter = conn
+            .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None)
+            .ok()
+            .map(|o| o.to_vec());
         let ep = conn
             .server_name()
             .and_then(|n| self.resolver.end_point.get(&n.to_ascii_lowercase()))
             .unwrap_or(&self.resolver.default_end_point)
             .clone();
-        ChannelBindings { tls_exporter, tls_server_end_point: Some(ep), tls: true }
+        ChannelBindings {
+            tls_exporter,
+            tls_server_end_point: Some(ep),
+            tls: true,
+        }
     }
 }

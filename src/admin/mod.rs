@@ -37,7 +37,10 @@ impl Response {
         Response { lines, error: None }
     }
     pub fn err(e: impl std::fmt::Display) -> Self {
-        Response { lines: Vec::new(), error: Some(e.to_string()) }
+        Response {
+            lines: Vec::new(),
+            error: Some(e.to_string()),
+        }
     }
 }
 

@@ -21,9 +21,11 @@ pub async fn bind(data_dir: &Path) -> anyhow::Result<UnixListener> {
         if UnixStream::connect(&p).await.is_ok() {
             anyhow::bail!("another halyard is serving {} (stop it first)", p.display());
         }
-        std::fs::remove_file(&p).with_context(|| format!("cannot remove stale socket {}", p.display()))?;
+        std::fs::remove_file(&p)
+            .with_context(|| format!("cannot remove stale socket {}", p.display()))?;
     }
-    let l = UnixListener::bind(&p).with_context(|| format!("cannot bind admin socket {}", p.display()))?;
+    let l = UnixListener::bind(&p)
+        .with_context(|| format!("cannot bind admin socket {}", p.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -78,12 +80,22 @@ async fn handle(stream: UnixStream, server: &Server) -> anyhow::Result<()> {
 /// stale one).
 pub async fn request(data_dir: &Path, req: &Request) -> anyhow::Result<Option<Response>> {
     let p = path(data_dir);
-    let Ok(stream) = UnixStream::connect(&p).await else { return Ok(None) };
+    let Ok(stream) = UnixStream::connect(&p).await else {
+        return Ok(None);
+    };
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
-    w.write_all(&line).await.context("writing to the admin socket")?;
+    w.write_all(&line)
+        .await
+        .context("writing to the admin socket")?;
     let mut lines = BufReader::new(r).lines();
-    let resp = lines.next_line().await.context("reading from the admin socket")?.context("the server closed the admin socket")?;
-    Ok(Some(serde_json::from_str(&resp).context("bad answer on the admin socket")?))
+    let resp = lines
+        .next_line()
+        .await
+        .context("reading from the admin socket")?
+        .context("the server closed the admin socket")?;
+    Ok(Some(
+        serde_json::from_str(&resp).context("bad answer on the admin socket")?,
+    ))
 }

@@ -9,7 +9,8 @@ use crate::stream::{StreamError, StreamErrorKind};
 
 /// Parses and normalises an account JID (RFC 7622), checking it is on a served domain.
 fn account_jid(ctx: &Context<'_>, raw: &str) -> anyhow::Result<BareJid> {
-    let jid = BareJid::new(raw).with_context(|| format!("{raw:?} is not a valid JID: use the form user@domain"))?;
+    let jid = BareJid::new(raw)
+        .with_context(|| format!("{raw:?} is not a valid JID: use the form user@domain"))?;
     if jid.node().is_none() {
         bail!("{raw:?} has no user part: use the form user@domain");
     }
@@ -33,7 +34,8 @@ fn check_password(password: &str) -> anyhow::Result<()> {
 pub async fn add(ctx: &Context<'_>, raw: &str, password: &str) -> anyhow::Result<Vec<String>> {
     let jid = account_jid(ctx, raw)?;
     check_password(password)?;
-    let account = sasl::new_account(password, ctx.scram_iterations).map_err(|e| anyhow::anyhow!("password refused: {}", e.text()))?;
+    let account = sasl::new_account(password, ctx.scram_iterations)
+        .map_err(|e| anyhow::anyhow!("password refused: {}", e.text()))?;
     ctx.stores.accounts.create(&jid, &account).await?;
     tracing::info!(%jid, "account created");
     Ok(Vec::new())
@@ -42,7 +44,8 @@ pub async fn add(ctx: &Context<'_>, raw: &str, password: &str) -> anyhow::Result
 pub async fn passwd(ctx: &Context<'_>, raw: &str, password: &str) -> anyhow::Result<Vec<String>> {
     let jid = account_jid(ctx, raw)?;
     check_password(password)?;
-    let account = sasl::new_account(password, ctx.scram_iterations).map_err(|e| anyhow::anyhow!("password refused: {}", e.text()))?;
+    let account = sasl::new_account(password, ctx.scram_iterations)
+        .map_err(|e| anyhow::anyhow!("password refused: {}", e.text()))?;
     ctx.stores.accounts.update(&jid, &account).await?;
     end_sessions(ctx, &jid, "the password was changed");
     tracing::info!(%jid, "password changed");
@@ -58,14 +61,24 @@ pub async fn remove(ctx: &Context<'_>, raw: &str) -> anyhow::Result<Vec<String>>
 }
 
 pub async fn list(ctx: &Context<'_>) -> anyhow::Result<Vec<String>> {
-    let mut users: Vec<String> = ctx.stores.accounts.list().await?.into_iter().map(|j| j.to_string()).collect();
+    let mut users: Vec<String> = ctx
+        .stores
+        .accounts
+        .list()
+        .await?
+        .into_iter()
+        .map(|j| j.to_string())
+        .collect();
     users.sort();
     Ok(users)
 }
 
 fn end_sessions(ctx: &Context<'_>, jid: &BareJid, why: &str) {
     if let Some(server) = ctx.server {
-        let n = server.sessions.close_all(Some(jid), &StreamError::new(StreamErrorKind::NotAuthorized, why));
+        let n = server.sessions.close_all(
+            Some(jid),
+            &StreamError::new(StreamErrorKind::NotAuthorized, why),
+        );
         if n > 0 {
             tracing::info!(%jid, sessions = n, "ended live sessions");
         }

@@ -35,7 +35,15 @@ pub async fn run<T: Transport>(server: Arc<Server>, t: T) {
     let conn_id = server.next_conn_id();
     let span = tracing::info_span!("c2s", conn = conn_id, ip = %t.peer().ip(), transport = t.transport_name(), jid = tracing::field::Empty);
     server.connections.fetch_add(1, Ordering::Relaxed);
-    Session { server: server.clone(), t, conn_id, stream_id: String::new() }.run().instrument(span).await;
+    Session {
+        server: server.clone(),
+        t,
+        conn_id,
+        stream_id: String::new(),
+    }
+    .run()
+    .instrument(span)
+    .await;
     server.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
@@ -58,7 +66,11 @@ fn stream_err(kind: StreamErrorKind, text: &str) -> Negotiated {
 }
 
 fn random_id(len: usize) -> String {
-    rand::thread_rng().sample_iter(&rand::distributions::Alphanumeric).take(len).map(char::from).collect()
+    rand::thread_rng()
+        .sample_iter(&rand::distributions::Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
 }
 
 fn el_to_string(el: &Element) -> Vec<u8> {
@@ -103,7 +115,10 @@ impl<T: Transport> Session<T> {
             TransportError::Io(_) => Negotiated::Closed(None),
         })?;
         if self.t.bytes_in() > self.server.config.c2s.preauth_max_bytes as u64 {
-            return Err(stream_err(StreamErrorKind::PolicyViolation, "too much data before authentication"));
+            return Err(stream_err(
+                StreamErrorKind::PolicyViolation,
+                "too much data before authentication",
+            ));
         }
         Ok(ev)
     }
@@ -115,7 +130,10 @@ impl<T: Transport> Session<T> {
             Some(StreamEvent::Open(h)) => h,
             Some(StreamEvent::Close) | None => return Err(Negotiated::Closed(None)),
             Some(StreamEvent::Element(_)) => {
-                return Err(stream_err(StreamErrorKind::NotWellFormed, "expected a stream header"))
+                return Err(stream_err(
+                    StreamErrorKind::NotWellFormed,
+                    "expected a stream header",
+                ))
             }
         };
         self.stream_id = random_id(16);
@@ -128,24 +146,54 @@ impl<T: Transport> Session<T> {
             None => primary.clone(),
             Some(_) => {
                 let _ = self.t.open(&self.stream_id, &primary, None).await;
-                return Err(stream_err(StreamErrorKind::HostUnknown, "this server does not serve that domain"));
+                return Err(stream_err(
+                    StreamErrorKind::HostUnknown,
+                    "this server does not serve that domain",
+                ));
             }
         };
-        let from = header.attr("from").and_then(|f| BareJid::new(f).ok()).map(|j| j.to_string());
-        if self.t.open(&self.stream_id, &domain, from.as_deref()).await.is_err() {
+        let from = header
+            .attr("from")
+            .and_then(|f| BareJid::new(f).ok())
+            .map(|j| j.to_string());
+        if self
+            .t
+            .open(&self.stream_id, &domain, from.as_deref())
+            .await
+            .is_err()
+        {
             return Err(Negotiated::Closed(None));
         }
         match header.attr("version") {
-            Some(v) if v.split('.').next().and_then(|m| m.parse::<u32>().ok()).unwrap_or(0) >= 1 => Ok(domain),
-            _ => Err(stream_err(StreamErrorKind::UnsupportedVersion, "XMPP 1.0 streams are required")),
+            Some(v)
+                if v.split('.')
+                    .next()
+                    .and_then(|m| m.parse::<u32>().ok())
+                    .unwrap_or(0)
+                    >= 1 =>
+            {
+                Ok(domain)
+            }
+            _ => Err(stream_err(
+                StreamErrorKind::UnsupportedVersion,
+                "XMPP 1.0 streams are required",
+            )),
         }
     }
 
     fn limits_feature(&self) -> Element {
         let c = &self.server.config.c2s;
         Element::builder("limits", ns::STREAM_LIMITS)
-            .append(Element::builder("max-bytes", ns::STREAM_LIMITS).append(c.max_stanza_bytes.to_string()).build())
-            .append(Element::builder("idle-seconds", ns::STREAM_LIMITS).append(c.idle_timeout_secs.to_string()).build())
+            .append(
+                Element::builder("max-bytes", ns::STREAM_LIMITS)
+                    .append(c.max_stanza_bytes.to_string())
+                    .build(),
+            )
+            .append(
+                Element::builder("idle-seconds", ns::STREAM_LIMITS)
+                    .append(c.idle_timeout_secs.to_string())
+                    .build(),
+            )
             .build()
     }
 
@@ -170,30 +218,42 @@ impl<T: Transport> Session<T> {
                     }
                     if self.t.auth_allowed() {
                         let mut mechs = Element::builder("mechanisms", ns::SASL);
-                        for m in sasl::mechanisms(&cb, self.server.config.auth.allow_plain && self.t.is_secure()) {
-                            mechs = mechs.append(Element::builder("mechanism", ns::SASL).append(m).build());
+                        for m in sasl::mechanisms(
+                            &cb,
+                            self.server.config.auth.allow_plain && self.t.is_secure(),
+                        ) {
+                            mechs = mechs
+                                .append(Element::builder("mechanism", ns::SASL).append(m).build());
                         }
                         features = features.append(mechs.build());
                         let types = sasl::binding_types(&cb);
                         if !types.is_empty() {
                             let mut b = Element::builder("sasl-channel-binding", ns::SASL_CB);
                             for ty in types {
-                                b = b.append(Element::builder("channel-binding", ns::SASL_CB).attr(n("type"), ty).build());
+                                b = b.append(
+                                    Element::builder("channel-binding", ns::SASL_CB)
+                                        .attr(n("type"), ty)
+                                        .build(),
+                                );
                             }
                             features = features.append(b.build());
                         }
                     }
                 }
                 Some(_) => {
-                    features = features
-                        .append(Element::bare("bind", ns::BIND))
-                        .append(Element::builder("session", ns::SESSION).append(Element::bare("optional", ns::SESSION)).build());
+                    features = features.append(Element::bare("bind", ns::BIND)).append(
+                        Element::builder("session", ns::SESSION)
+                            .append(Element::bare("optional", ns::SESSION))
+                            .build(),
+                    );
                     for f in self.server.registry.stream_features() {
                         features = features.append(f.clone());
                     }
                 }
             }
-            features = features.append(self.limits_feature()).append(self.server.caps.clone());
+            features = features
+                .append(self.limits_feature())
+                .append(self.server.caps.clone());
             if self.send_el(&features.build()).await.is_err() {
                 return Negotiated::Closed(None);
             }
@@ -204,7 +264,10 @@ impl<T: Transport> Session<T> {
                     Ok(Some(StreamEvent::Element(el))) => el,
                     Ok(Some(StreamEvent::Close)) | Ok(None) => return Negotiated::Closed(None),
                     Ok(Some(StreamEvent::Open(_))) => {
-                        return stream_err(StreamErrorKind::NotWellFormed, "unexpected stream header")
+                        return stream_err(
+                            StreamErrorKind::NotWellFormed,
+                            "unexpected stream header",
+                        )
                     }
                     Err(n) => return n,
                 };
@@ -213,7 +276,11 @@ impl<T: Transport> Session<T> {
                         let _ = self.send_el(&Element::bare("failure", ns::TLS)).await;
                         return Negotiated::Closed(None);
                     }
-                    if self.send_el(&Element::bare("proceed", ns::TLS)).await.is_err() {
+                    if self
+                        .send_el(&Element::bare("proceed", ns::TLS))
+                        .await
+                        .is_err()
+                    {
                         return Negotiated::Closed(None);
                     }
                     match self.t.starttls().await {
@@ -237,7 +304,10 @@ impl<T: Transport> Session<T> {
                         Ok(None) => {
                             failures += 1;
                             if failures >= self.server.config.auth.max_failures_per_connection {
-                                return stream_err(StreamErrorKind::PolicyViolation, "too many failed authentication attempts");
+                                return stream_err(
+                                    StreamErrorKind::PolicyViolation,
+                                    "too many failed authentication attempts",
+                                );
                             }
                             continue;
                         }
@@ -245,7 +315,10 @@ impl<T: Transport> Session<T> {
                     }
                 }
                 if let Some(bare) = &user {
-                    if el.is("iq", ns::CLIENT) && el.attr("type") == Some("set") && el.get_child("bind", ns::BIND).is_some() {
+                    if el.is("iq", ns::CLIENT)
+                        && el.attr("type") == Some("set")
+                        && el.get_child("bind", ns::BIND).is_some()
+                    {
                         match self.bind(bare, &el).await {
                             Ok(Some(full)) => return Negotiated::Bound(full),
                             Ok(None) => continue,
@@ -262,9 +335,15 @@ impl<T: Transport> Session<T> {
                     }
                 }
                 return if halyard_xep::Kind::of(&el).is_some() {
-                    stream_err(StreamErrorKind::NotAuthorized, "stanzas are allowed only after authentication and resource binding")
+                    stream_err(
+                        StreamErrorKind::NotAuthorized,
+                        "stanzas are allowed only after authentication and resource binding",
+                    )
                 } else {
-                    stream_err(StreamErrorKind::UnsupportedStanzaType, "unexpected element during negotiation")
+                    stream_err(
+                        StreamErrorKind::UnsupportedStanzaType,
+                        "unexpected element during negotiation",
+                    )
                 };
             }
         }
@@ -272,13 +351,21 @@ impl<T: Transport> Session<T> {
 
     /// One SASL exchange. `Ok(Some(jid))` on success, `Ok(None)` after a failure the client may
     /// retry.
-    async fn authenticate(&mut self, auth: &Element, domain: &str) -> Result<Option<BareJid>, Negotiated> {
+    async fn authenticate(
+        &mut self,
+        auth: &Element,
+        domain: &str,
+    ) -> Result<Option<BareJid>, Negotiated> {
         if !self.t.auth_allowed() {
-            self.sasl_failure("encryption-required", Some("use STARTTLS first")).await?;
+            self.sasl_failure("encryption-required", Some("use STARTTLS first"))
+                .await?;
             return Ok(None);
         }
         let mech = auth.attr("mechanism").unwrap_or("");
-        let offered = sasl::mechanisms(&self.t.bindings(), self.server.config.auth.allow_plain && self.t.is_secure());
+        let offered = sasl::mechanisms(
+            &self.t.bindings(),
+            self.server.config.auth.allow_plain && self.t.is_secure(),
+        );
         if !offered.contains(&mech) {
             self.sasl_failure("invalid-mechanism", None).await?;
             return Ok(None);
@@ -314,7 +401,9 @@ impl<T: Transport> Session<T> {
         if let Some(t) = text {
             b = b.append(Element::builder("text", ns::SASL).append(t).build());
         }
-        self.send_el(&b.build()).await.map_err(|_| Negotiated::Closed(None))
+        self.send_el(&b.build())
+            .await
+            .map_err(|_| Negotiated::Closed(None))
     }
 
     /// Maps a SASL authcid to the account it names on this domain.
@@ -325,9 +414,15 @@ impl<T: Transport> Session<T> {
         BareJid::new(&format!("{username}@{domain}")).ok()
     }
 
-    async fn auth_plain(&mut self, msg: &[u8], domain: &str) -> Result<BareJid, (&'static str, Option<String>)> {
+    async fn auth_plain(
+        &mut self,
+        msg: &[u8],
+        domain: &str,
+    ) -> Result<BareJid, (&'static str, Option<String>)> {
         let creds = plain::parse(msg).map_err(|e| (e.condition(), None))?;
-        let jid = self.account_for(&creds.authcid, domain).ok_or(("not-authorized", None))?;
+        let jid = self
+            .account_for(&creds.authcid, domain)
+            .ok_or(("not-authorized", None))?;
         if let Some(z) = creds.authzid.as_deref().filter(|z| !z.is_empty()) {
             if BareJid::new(z).ok().as_ref() != Some(&jid) {
                 return Err(("invalid-authzid", None));
@@ -341,13 +436,20 @@ impl<T: Transport> Session<T> {
         // An unknown user is checked against fake credentials so the reply takes as long.
         let stored = match account.as_ref().and_then(|a| a.credentials(hash)) {
             Some(c) => c.clone(),
-            None => scram::fake_credentials(hash, &self.server.fake_salt_secret, &creds.authcid, self.server.config.auth.scram_iterations),
+            None => scram::fake_credentials(
+                hash,
+                &self.server.fake_salt_secret,
+                &creds.authcid,
+                self.server.config.auth.scram_iterations,
+            ),
         };
         let ok = plain::verify(hash, &stored, &creds.password) && account.is_some();
         if !ok {
             return Err(("not-authorized", None));
         }
-        self.send_el(&Element::bare("success", ns::SASL)).await.map_err(|_| ("aborted", None))?;
+        self.send_el(&Element::bare("success", ns::SASL))
+            .await
+            .map_err(|_| ("aborted", None))?;
         Ok(jid)
     }
 
@@ -379,13 +481,28 @@ impl<T: Transport> Session<T> {
             },
             None => None,
         };
-        let challenge = server.server_first(creds.as_ref(), &self.server.fake_salt_secret, self.server.config.auth.scram_iterations);
-        let ch = Element::builder("challenge", ns::SASL).append(B64.encode(challenge)).build();
-        self.send_el(&ch).await.map_err(|_| Negotiated::Closed(None))?;
+        let challenge = server.server_first(
+            creds.as_ref(),
+            &self.server.fake_salt_secret,
+            self.server.config.auth.scram_iterations,
+        );
+        let ch = Element::builder("challenge", ns::SASL)
+            .append(B64.encode(challenge))
+            .build();
+        self.send_el(&ch)
+            .await
+            .map_err(|_| Negotiated::Closed(None))?;
         let resp = match self.next_preauth().await? {
             Some(StreamEvent::Element(el)) if el.is("response", ns::SASL) => el,
-            Some(StreamEvent::Element(el)) if el.is("abort", ns::SASL) => return Ok(Err(("aborted", None))),
-            Some(StreamEvent::Element(_)) => return Ok(Err(("malformed-request", Some("expected <response/>".into())))),
+            Some(StreamEvent::Element(el)) if el.is("abort", ns::SASL) => {
+                return Ok(Err(("aborted", None)))
+            }
+            Some(StreamEvent::Element(_)) => {
+                return Ok(Err((
+                    "malformed-request",
+                    Some("expected <response/>".into()),
+                )))
+            }
             _ => return Err(Negotiated::Closed(None)),
         };
         let Ok(final_msg) = decode_sasl(&resp.text()) else {
@@ -404,8 +521,12 @@ impl<T: Transport> Session<T> {
                 return Ok(Err(("invalid-authzid", None)));
             }
         }
-        let ok = Element::builder("success", ns::SASL).append(B64.encode(server_final)).build();
-        self.send_el(&ok).await.map_err(|_| Negotiated::Closed(None))?;
+        let ok = Element::builder("success", ns::SASL)
+            .append(B64.encode(server_final))
+            .build();
+        self.send_el(&ok)
+            .await
+            .map_err(|_| Negotiated::Closed(None))?;
         Ok(Ok(jid))
     }
 
@@ -427,22 +548,39 @@ impl<T: Transport> Session<T> {
                         halyard_xep::StanzaError::BadRequest(Some("invalid resource".into())),
                     );
                     if let Some(e) = err {
-                        self.send_el(&e).await.map_err(|_| Negotiated::Closed(None))?;
+                        self.send_el(&e)
+                            .await
+                            .map_err(|_| Negotiated::Closed(None))?;
                     }
                     return Ok(None);
                 }
             },
             None => match ResourcePart::new(&format!("halyard-{}", random_id(10))) {
                 Ok(rp) => rp.into_owned(),
-                Err(_) => return Err(stream_err(StreamErrorKind::InternalServerError, "resource generation failed")),
+                Err(_) => {
+                    return Err(stream_err(
+                        StreamErrorKind::InternalServerError,
+                        "resource generation failed",
+                    ))
+                }
             },
         };
         let full = FullJid::from_parts(bare.node(), bare.domain(), &resource);
         let reply = iq_result(
             iq,
-            Some(Element::builder("bind", ns::BIND).append(Element::builder("jid", ns::BIND).append(full.to_string()).build()).build()),
+            Some(
+                Element::builder("bind", ns::BIND)
+                    .append(
+                        Element::builder("jid", ns::BIND)
+                            .append(full.to_string())
+                            .build(),
+                    )
+                    .build(),
+            ),
         );
-        self.send_el(&reply).await.map_err(|_| Negotiated::Closed(None))?;
+        self.send_el(&reply)
+            .await
+            .map_err(|_| Negotiated::Closed(None))?;
         Ok(Some(full))
     }
 
@@ -535,9 +673,18 @@ impl<T: Transport> Session<T> {
     }
 
     /// Writes one queued stanza and whatever else is already queued, then flushes once.
-    async fn write_batch(&mut self, first: bytes::Bytes, rx: &mut mpsc::Receiver<Outbound>) -> Result<(), Option<StreamError>> {
+    async fn write_batch(
+        &mut self,
+        first: bytes::Bytes,
+        rx: &mut mpsc::Receiver<Outbound>,
+    ) -> Result<(), Option<StreamError>> {
         let wt = self.server.config.c2s.write_timeout();
-        let stalled = || Some(StreamError::new(StreamErrorKind::PolicyViolation, "the client is not reading"));
+        let stalled = || {
+            Some(StreamError::new(
+                StreamErrorKind::PolicyViolation,
+                "the client is not reading",
+            ))
+        };
         let mut next = Some(first);
         let mut n = 0;
         while let Some(bytes) = next.take() {
@@ -567,11 +714,19 @@ impl<T: Transport> Session<T> {
 
     async fn handle_element(&mut self, full: &FullJid, el: Element) -> Result<(), StreamError> {
         if halyard_xep::Kind::of(&el).is_none() {
-            return Err(StreamError::new(StreamErrorKind::UnsupportedStanzaType, format!("unsupported element <{}/>", el.name())));
+            return Err(StreamError::new(
+                StreamErrorKind::UnsupportedStanzaType,
+                format!("unsupported element <{}/>", el.name()),
+            ));
         }
-        if el.name() == "iq" && el.attr("type") == Some("set") && el.get_child("session", ns::SESSION).is_some() {
+        if el.name() == "iq"
+            && el.attr("type") == Some("set")
+            && el.get_child("session", ns::SESSION).is_some()
+        {
             let reply = iq_result(&el, None);
-            self.send_el(&reply).await.map_err(|_| StreamError::bare(StreamErrorKind::InternalServerError))?;
+            self.send_el(&reply)
+                .await
+                .map_err(|_| StreamError::bare(StreamErrorKind::InternalServerError))?;
             return Ok(());
         }
         crate::router::from_client(&self.server, full, el).await;

@@ -27,12 +27,19 @@ pub enum TransportError {
 pub trait Transport: Send {
     /// The next stream event, `None` at end of input. Cancel-safe: no input is lost if the
     /// future is dropped.
-    fn next_event(&mut self) -> impl Future<Output = Result<Option<StreamEvent>, TransportError>> + Send;
+    fn next_event(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<StreamEvent>, TransportError>> + Send;
     /// Queues serialised data (a stanza or nonza) for writing; `flush` sends it.
     fn write(&mut self, data: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
     fn flush(&mut self) -> impl Future<Output = io::Result<()>> + Send;
     /// Sends the server's stream header (or `<open/>`).
-    fn open(&mut self, id: &str, from: &str, to: Option<&str>) -> impl Future<Output = io::Result<()>> + Send;
+    fn open(
+        &mut self,
+        id: &str,
+        from: &str,
+        to: Option<&str>,
+    ) -> impl Future<Output = io::Result<()>> + Send;
     /// Sends a stream error if any, then the closing tag, and shuts the connection down.
     fn close(&mut self, err: Option<&StreamError>) -> impl Future<Output = ()> + Send;
     /// A stream restart (after STARTTLS or SASL): the next event is a new header.
@@ -59,7 +66,11 @@ enum Io {
 }
 
 impl AsyncRead for Io {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -69,7 +80,11 @@ impl AsyncRead for Io {
 }
 
 impl AsyncWrite for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -114,7 +129,13 @@ pub struct TcpTransport {
 }
 
 impl TcpTransport {
-    pub fn plain(stream: TcpStream, peer: SocketAddr, tls: Option<Tls>, require_tls: bool, limits: Limits) -> Self {
+    pub fn plain(
+        stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<Tls>,
+        require_tls: bool,
+        limits: Limits,
+    ) -> Self {
         TcpTransport {
             io: Io::Plain(stream),
             reader: XmlReader::new(limits),
@@ -130,7 +151,12 @@ impl TcpTransport {
         }
     }
 
-    pub fn direct_tls(stream: TlsStream<TcpStream>, peer: SocketAddr, tls: &Tls, limits: Limits) -> Self {
+    pub fn direct_tls(
+        stream: TlsStream<TcpStream>,
+        peer: SocketAddr,
+        tls: &Tls,
+        limits: Limits,
+    ) -> Self {
         let bindings = tls.bindings(stream.get_ref().1);
         TcpTransport {
             io: Io::Tls(Box::new(stream)),
@@ -183,7 +209,9 @@ impl Transport for TcpTransport {
     }
 
     async fn open(&mut self, id: &str, from: &str, to: Option<&str>) -> io::Result<()> {
-        self.io.write_all(writer::stream_header(id, from, to).as_bytes()).await
+        self.io
+            .write_all(writer::stream_header(id, from, to).as_bytes())
+            .await
     }
 
     async fn close(&mut self, err: Option<&StreamError>) {
@@ -223,7 +251,10 @@ impl Transport for TcpTransport {
 
     async fn starttls(&mut self) -> Result<(), TransportError> {
         let tls = self.tls.take().ok_or_else(|| {
-            TransportError::Stream(StreamError::new(StreamErrorKind::PolicyViolation, "TLS is not available"))
+            TransportError::Stream(StreamError::new(
+                StreamErrorKind::PolicyViolation,
+                "TLS is not available",
+            ))
         })?;
         if self.pos < self.len {
             // Bytes pipelined after <starttls/> were sent in the clear and cannot be trusted

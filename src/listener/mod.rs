@@ -18,7 +18,10 @@ use crate::stream::reader::Limits;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub fn limits(server: &Server) -> Limits {
-    Limits { max_stanza_bytes: server.config.c2s.max_stanza_bytes, max_depth: server.config.c2s.max_depth }
+    Limits {
+        max_stanza_bytes: server.config.c2s.max_stanza_bytes,
+        max_depth: server.config.c2s.max_depth,
+    }
 }
 
 /// Binds a listener, saying which option to change when it fails.
@@ -54,23 +57,39 @@ where
 
 /// Spawns the c2s (STARTTLS) accept loop.
 pub fn spawn_c2s(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<Server>) {
-    set.spawn(accept_loop(listener, server, |server, stream, peer| async move {
-        let t = TcpTransport::plain(stream, peer, server.tls.clone(), server.config.c2s.require_tls, limits(&server));
-        c2s::run(server, t).await
-    }));
+    set.spawn(accept_loop(
+        listener,
+        server,
+        |server, stream, peer| async move {
+            let t = TcpTransport::plain(
+                stream,
+                peer,
+                server.tls.clone(),
+                server.config.c2s.require_tls,
+                limits(&server),
+            );
+            c2s::run(server, t).await
+        },
+    ));
 }
 
 /// Spawns the Direct TLS accept loop.
 pub fn spawn_c2s_tls(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<Server>) {
-    set.spawn(accept_loop(listener, server, |server, stream, peer| async move {
-        let Some(tls) = server.tls.clone() else { return };
-        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
-            Ok(Ok(s)) => {
-                let t = TcpTransport::direct_tls(s, peer, &tls, limits(&server));
-                c2s::run(server, t).await
+    set.spawn(accept_loop(
+        listener,
+        server,
+        |server, stream, peer| async move {
+            let Some(tls) = server.tls.clone() else {
+                return;
+            };
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
+                Ok(Ok(s)) => {
+                    let t = TcpTransport::direct_tls(s, peer, &tls, limits(&server));
+                    c2s::run(server, t).await
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
-            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-        }
-    }));
+        },
+    ));
 }

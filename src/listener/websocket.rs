@@ -34,7 +34,9 @@ struct HttpState {
 
 /// The routes served on the HTTP(S) listeners.
 fn router(server: Arc<Server>, secure: bool) -> Router {
-    Router::new().route("/xmpp-websocket", get(upgrade)).with_state(HttpState { server, secure })
+    Router::new()
+        .route("/xmpp-websocket", get(upgrade))
+        .with_state(HttpState { server, secure })
 }
 
 /// The address of the peer, from whichever listener accepted it.
@@ -61,21 +63,35 @@ async fn upgrade(
 ) -> Response {
     let allowed = &st.server.config.http.websocket_origins;
     if !allowed.is_empty() {
-        let origin = headers.get("origin").and_then(|o| o.to_str().ok()).unwrap_or("");
+        let origin = headers
+            .get("origin")
+            .and_then(|o| o.to_str().ok())
+            .unwrap_or("");
         if !allowed.iter().any(|a| a == origin) {
             return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
         }
     }
     let ws = ws.protocols(["xmpp"]);
     if ws.selected_protocol().is_none() {
-        return (StatusCode::BAD_REQUEST, "the WebSocket subprotocol 'xmpp' is required (RFC 7395)").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "the WebSocket subprotocol 'xmpp' is required (RFC 7395)",
+        )
+            .into_response();
     }
     let server = st.server.clone();
     let trusted = st.secure || is_trusted(&server, peer.ip());
     let limits = crate::listener::limits(&server);
     ws.max_message_size(server.config.c2s.max_stanza_bytes + 1024)
         .on_upgrade(move |socket| async move {
-            let t = WsTransport { ws: socket, peer, secure: st.secure, auth_allowed: trusted, limits, bytes_in: 0 };
+            let t = WsTransport {
+                ws: socket,
+                peer,
+                secure: st.secure,
+                auth_allowed: trusted,
+                limits,
+                bytes_in: 0,
+            };
             c2s::run(server, t).await
         })
         .into_response()
@@ -139,7 +155,10 @@ impl Transport for WsTransport {
 
     async fn write(&mut self, data: &[u8]) -> io::Result<()> {
         let text = String::from_utf8_lossy(data).into_owned();
-        self.ws.feed(Message::Text(text.into())).await.map_err(io::Error::other)
+        self.ws
+            .feed(Message::Text(text.into()))
+            .await
+            .map_err(io::Error::other)
     }
 
     async fn flush(&mut self) -> io::Result<()> {
@@ -147,12 +166,18 @@ impl Transport for WsTransport {
     }
 
     async fn open(&mut self, id: &str, from: &str, to: Option<&str>) -> io::Result<()> {
-        self.ws.send(Message::Text(writer::ws_open(id, from, to).into())).await.map_err(io::Error::other)
+        self.ws
+            .send(Message::Text(writer::ws_open(id, from, to).into()))
+            .await
+            .map_err(io::Error::other)
     }
 
     async fn close(&mut self, err: Option<&StreamError>) {
         if let Some(e) = err {
-            let _ = self.ws.feed(Message::Text(writer::ws_stream_error(e).into())).await;
+            let _ = self
+                .ws
+                .feed(Message::Text(writer::ws_stream_error(e).into()))
+                .await;
         }
         let _ = self.ws.feed(Message::Text(writer::ws_close().into())).await;
         let _ = self.ws.close().await;
@@ -181,12 +206,19 @@ impl Transport for WsTransport {
     }
 
     async fn starttls(&mut self) -> Result<(), TransportError> {
-        Err(TransportError::Stream(StreamError::new(StreamErrorKind::PolicyViolation, "no STARTTLS over WebSocket")))
+        Err(TransportError::Stream(StreamError::new(
+            StreamErrorKind::PolicyViolation,
+            "no STARTTLS over WebSocket",
+        )))
     }
 
     fn bindings(&self) -> ChannelBindings {
         // The TLS session (ours or a proxy's) is not visible at this layer: no -PLUS here.
-        ChannelBindings { tls_exporter: None, tls_server_end_point: None, tls: self.is_secure() }
+        ChannelBindings {
+            tls_exporter: None,
+            tls_server_end_point: None,
+            tls: self.is_secure(),
+        }
     }
 
     fn idle(&mut self) {}
@@ -237,8 +269,14 @@ impl axum::serve::Listener for TlsListener {
 }
 
 /// Serves HTTPS on `listener`.
-pub fn spawn_https(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<Server>) -> anyhow::Result<()> {
-    let Some(tls) = server.tls.clone() else { anyhow::bail!("HTTPS needs TLS certificates") };
+pub fn spawn_https(
+    set: &mut JoinSet<()>,
+    listener: TcpListener,
+    server: Arc<Server>,
+) -> anyhow::Result<()> {
+    let Some(tls) = server.tls.clone() else {
+        anyhow::bail!("HTTPS needs TLS certificates")
+    };
     let local = listener.local_addr()?;
     let (tx, rx) = mpsc::channel(64);
     let mut shutdown = server.shutdown.clone();

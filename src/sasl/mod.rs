@@ -37,7 +37,10 @@ pub fn new_account(password: &str, iterations: u32) -> Result<Account, scram::Sa
     let mut scram = BTreeMap::new();
     for h in Hash::all() {
         let salt = scram::generate_salt();
-        scram.insert(h.mechanism(false).to_string(), scram::derive(h, password, &salt, iterations)?);
+        scram.insert(
+            h.mechanism(false).to_string(),
+            scram::derive(h, password, &salt, iterations)?,
+        );
     }
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -68,6 +68,11 @@ impl Stores {
     pub fn open_sled(data_dir: &std::path::Path) -> anyhow::Result<Stores> {
         let s = Arc::new(sled::SledStore::open(data_dir)?);
         let f = s.clone();
-        Ok(Stores { accounts: s.clone(), roster: s.clone(), last: s, flush: Arc::new(move || f.flush()) })
+        Ok(Stores {
+            accounts: s.clone(),
+            roster: s.clone(),
+            last: s,
+            flush: Arc::new(move || f.flush()),
+        })
     }
 }

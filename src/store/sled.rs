@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use async_trait::async_trait;
-use halyard_xep::host::{LastActivity, LastActivityStore, RosterItem, RosterStore, StoreError, StoreResult};
+use halyard_xep::host::{
+    LastActivity, LastActivityStore, RosterItem, RosterStore, StoreError, StoreResult,
+};
 use jid::BareJid;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
@@ -20,9 +22,14 @@ pub struct SledStore {
     last: sled::Tree,
 }
 
-fn err<E: std::error::Error + Send + Sync + 'static>(context: impl Into<String>) -> impl FnOnce(E) -> StoreError {
+fn err<E: std::error::Error + Send + Sync + 'static>(
+    context: impl Into<String>,
+) -> impl FnOnce(E) -> StoreError {
     let context = context.into();
-    move |e| StoreError { context, source: Box::new(e) }
+    move |e| StoreError {
+        context,
+        source: Box::new(e),
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> StoreResult<T> {
@@ -35,7 +42,8 @@ fn encode<T: serde::Serialize>(what: &str, v: &T) -> StoreResult<Vec<u8>> {
 
 impl SledStore {
     pub fn open(dir: &Path) -> anyhow::Result<SledStore> {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", dir.display()))?;
         let path = dir.join("store");
         let db = sled::Config::new().path(&path).flush_every_ms(Some(200)).open().map_err(|e| {
             anyhow::anyhow!(
@@ -43,7 +51,10 @@ impl SledStore {
                 path.display()
             )
         })?;
-        let open = |name: &str| db.open_tree(name).map_err(|e| anyhow::anyhow!("cannot open tree {name}: {e}"));
+        let open = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| anyhow::anyhow!("cannot open tree {name}: {e}"))
+        };
         Ok(SledStore {
             accounts: open(trees::ACCOUNTS)?,
             roster: open(trees::ROSTER)?,
@@ -54,28 +65,46 @@ impl SledStore {
     }
 
     pub fn flush(&self) -> StoreResult<()> {
-        self.db.flush().map(|_| ()).map_err(err("flushing the store"))
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(err("flushing the store"))
     }
 
     async fn flush_async(&self, what: &str) -> StoreResult<()> {
-        self.db.flush_async().await.map(|_| ()).map_err(err(format!("flushing after {what}")))
+        self.db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(err(format!("flushing after {what}")))
     }
 
     /// Applies a roster change and bumps the version in one transaction.
-    async fn roster_change(&self, user: &BareJid, key: Vec<u8>, value: Option<Vec<u8>>) -> StoreResult<u64> {
+    async fn roster_change(
+        &self,
+        user: &BareJid,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> StoreResult<u64> {
         let owner = user.as_str().as_bytes().to_vec();
-        let res: Result<u64, TransactionError<()>> =
-            (&self.roster, &self.roster_version).transaction(|(roster, versions)| {
+        let res: Result<u64, TransactionError<()>> = (&self.roster, &self.roster_version)
+            .transaction(|(roster, versions)| {
                 match &value {
                     Some(v) => roster.insert(key.as_slice(), v.as_slice())?,
                     None => roster.remove(key.as_slice())?,
                 };
-                let cur = versions.get(&owner)?.map(|v| be_u64(v.as_ref())).unwrap_or(0);
+                let cur = versions
+                    .get(&owner)?
+                    .map(|v| be_u64(v.as_ref()))
+                    .unwrap_or(0);
                 let next = cur + 1;
                 versions.insert(owner.as_slice(), &next.to_be_bytes())?;
                 Ok::<u64, ConflictableTransactionError<()>>(next)
             });
-        let ver = res.map_err(|e| StoreError { context: "roster transaction".into(), source: format!("{e:?}").into() })?;
+        let ver = res.map_err(|e| StoreError {
+            context: "roster transaction".into(),
+            source: format!("{e:?}").into(),
+        })?;
         self.flush_async("roster change").await?;
         Ok(ver)
     }
@@ -104,7 +133,11 @@ impl AccountStore for SledStore {
     }
 
     async fn get(&self, user: &BareJid) -> StoreResult<Option<Account>> {
-        match self.accounts.get(user.as_str()).map_err(err("reading account"))? {
+        match self
+            .accounts
+            .get(user.as_str())
+            .map_err(err("reading account"))?
+        {
             Some(v) => decode("account", &v).map(Some),
             None => Ok(None),
         }
@@ -125,7 +158,12 @@ impl AccountStore for SledStore {
 
     async fn remove(&self, user: &BareJid) -> Result<(), AccountError> {
         // The account row goes first, so no one can log in while the rest is removed.
-        if self.accounts.remove(user.as_str()).map_err(err("removing account"))?.is_none() {
+        if self
+            .accounts
+            .remove(user.as_str())
+            .map_err(err("removing account"))?
+            .is_none()
+        {
             return Err(AccountError::NotFound(user.clone()));
         }
         let prefix = trees::owner_prefix(user.as_str());
@@ -134,9 +172,15 @@ impl AccountStore for SledStore {
             let (k, _) = kv.map_err(err("scanning roster for removal"))?;
             batch.remove(k);
         }
-        self.roster.apply_batch(batch).map_err(err("removing roster"))?;
-        self.roster_version.remove(user.as_str()).map_err(err("removing roster version"))?;
-        self.last.remove(user.as_str()).map_err(err("removing last activity"))?;
+        self.roster
+            .apply_batch(batch)
+            .map_err(err("removing roster"))?;
+        self.roster_version
+            .remove(user.as_str())
+            .map_err(err("removing roster version"))?;
+        self.last
+            .remove(user.as_str())
+            .map_err(err("removing last activity"))?;
         self.flush_async("account removal").await?;
         Ok(())
     }
@@ -148,7 +192,9 @@ impl AccountStore for SledStore {
             let s = String::from_utf8_lossy(&k);
             match BareJid::new(&s) {
                 Ok(j) => out.push(j),
-                Err(e) => tracing::warn!(key = %s, error = %e, "skipping an account row with an invalid JID"),
+                Err(e) => {
+                    tracing::warn!(key = %s, error = %e, "skipping an account row with an invalid JID")
+                }
             }
         }
         Ok(out)
@@ -167,7 +213,11 @@ impl RosterStore for SledStore {
     }
 
     async fn item(&self, user: &BareJid, contact: &BareJid) -> StoreResult<Option<RosterItem>> {
-        match self.roster.get(trees::owner_key(user.as_str(), contact.as_str())).map_err(err("reading roster item"))? {
+        match self
+            .roster
+            .get(trees::owner_key(user.as_str(), contact.as_str()))
+            .map_err(err("reading roster item"))?
+        {
             Some(v) => decode("roster item", &v).map(Some),
             None => Ok(None),
         }
@@ -175,22 +225,37 @@ impl RosterStore for SledStore {
 
     async fn put(&self, user: &BareJid, item: &RosterItem) -> StoreResult<u64> {
         let key = trees::owner_key(user.as_str(), &item.jid);
-        self.roster_change(user, key, Some(encode("roster item", item)?)).await
+        self.roster_change(user, key, Some(encode("roster item", item)?))
+            .await
     }
 
     async fn remove(&self, user: &BareJid, contact: &BareJid) -> StoreResult<u64> {
-        self.roster_change(user, trees::owner_key(user.as_str(), contact.as_str()), None).await
+        self.roster_change(
+            user,
+            trees::owner_key(user.as_str(), contact.as_str()),
+            None,
+        )
+        .await
     }
 
     async fn version(&self, user: &BareJid) -> StoreResult<u64> {
-        Ok(self.roster_version.get(user.as_str()).map_err(err("reading roster version"))?.map(|v| be_u64(&v)).unwrap_or(0))
+        Ok(self
+            .roster_version
+            .get(user.as_str())
+            .map_err(err("reading roster version"))?
+            .map(|v| be_u64(&v))
+            .unwrap_or(0))
     }
 }
 
 #[async_trait]
 impl LastActivityStore for SledStore {
     async fn get(&self, user: &BareJid) -> StoreResult<Option<LastActivity>> {
-        match self.last.get(user.as_str()).map_err(err("reading last activity"))? {
+        match self
+            .last
+            .get(user.as_str())
+            .map_err(err("reading last activity"))?
+        {
             Some(v) => decode("last activity", &v).map(Some),
             None => Ok(None),
         }
@@ -198,7 +263,9 @@ impl LastActivityStore for SledStore {
 
     async fn set(&self, user: &BareJid, last: &LastActivity) -> StoreResult<()> {
         // Not flushed here: sled's periodic flush is enough for an informational timestamp.
-        self.last.insert(user.as_str(), encode("last activity", last)?).map_err(err("writing last activity"))?;
+        self.last
+            .insert(user.as_str(), encode("last activity", last)?)
+            .map_err(err("writing last activity"))?;
         Ok(())
     }
 }
@@ -215,24 +282,40 @@ mod tests {
     async fn accounts_create_once_and_remove_everything() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
-        let a = Account { scram: Default::default(), created: 1 };
+        let a = Account {
+            scram: Default::default(),
+            created: 1,
+        };
         s.create(&jid("a@x"), &a).await.unwrap();
-        assert!(matches!(s.create(&jid("a@x"), &a).await, Err(AccountError::Exists(_))));
-        let item = RosterItem { jid: "b@x".into(), in_roster: true, ..Default::default() };
+        assert!(matches!(
+            s.create(&jid("a@x"), &a).await,
+            Err(AccountError::Exists(_))
+        ));
+        let item = RosterItem {
+            jid: "b@x".into(),
+            in_roster: true,
+            ..Default::default()
+        };
         assert_eq!(RosterStore::put(&s, &jid("a@x"), &item).await.unwrap(), 1);
         assert_eq!(s.items(&jid("a@x")).await.unwrap(), vec![item]);
         AccountStore::remove(&s, &jid("a@x")).await.unwrap();
         assert!(s.items(&jid("a@x")).await.unwrap().is_empty());
         assert_eq!(s.version(&jid("a@x")).await.unwrap(), 0);
         assert!(AccountStore::get(&s, &jid("a@x")).await.unwrap().is_none());
-        assert!(matches!(AccountStore::remove(&s, &jid("a@x")).await, Err(AccountError::NotFound(_))));
+        assert!(matches!(
+            AccountStore::remove(&s, &jid("a@x")).await,
+            Err(AccountError::NotFound(_))
+        ));
     }
 
     #[tokio::test]
     async fn roster_prefix_does_not_leak_between_owners() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
-        let item = RosterItem { jid: "c@x".into(), ..Default::default() };
+        let item = RosterItem {
+            jid: "c@x".into(),
+            ..Default::default()
+        };
         RosterStore::put(&s, &jid("a@x"), &item).await.unwrap();
         RosterStore::put(&s, &jid("a@xy"), &item).await.unwrap();
         assert_eq!(s.items(&jid("a@x")).await.unwrap().len(), 1);

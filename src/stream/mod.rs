@@ -62,7 +62,10 @@ pub struct StreamError {
 
 impl StreamError {
     pub fn new(kind: StreamErrorKind, text: impl Into<String>) -> Self {
-        StreamError { kind, text: Some(text.into()) }
+        StreamError {
+            kind,
+            text: Some(text.into()),
+        }
     }
     pub fn bare(kind: StreamErrorKind) -> Self {
         StreamError { kind, text: None }

@@ -7,8 +7,8 @@
 
 use minidom::tree_builder::TreeBuilder;
 use minidom::Element;
-use rxml::parser::{Parse, RawEvent, RawParser, WithOptions};
 use rxml::error::EndOrError;
+use rxml::parser::{Parse, RawEvent, RawParser, WithOptions};
 
 use super::{StreamError, StreamErrorKind};
 use halyard_xep::ns;
@@ -113,12 +113,17 @@ impl XmlReader {
 
     /// Charges consumed bytes to the current first-level element.
     fn charge(&mut self, n: usize) -> Result<(), StreamError> {
-        if self.builder.depth() >= 2 || (self.opened && self.builder.depth() == 1 && self.stanza_bytes > 0) {
+        if self.builder.depth() >= 2
+            || (self.opened && self.builder.depth() == 1 && self.stanza_bytes > 0)
+        {
             self.stanza_bytes += n;
             if self.stanza_bytes > self.limits.max_stanza_bytes {
                 return Err(StreamError::new(
                     StreamErrorKind::PolicyViolation,
-                    format!("stanza exceeds the limit of {} bytes", self.limits.max_stanza_bytes),
+                    format!(
+                        "stanza exceeds the limit of {} bytes",
+                        self.limits.max_stanza_bytes
+                    ),
                 ));
             }
         }
@@ -137,30 +142,43 @@ impl XmlReader {
                     if depth > self.limits.max_depth {
                         return Err(StreamError::new(
                             StreamErrorKind::PolicyViolation,
-                            format!("elements nested deeper than {} levels", self.limits.max_depth),
+                            format!(
+                                "elements nested deeper than {} levels",
+                                self.limits.max_depth
+                            ),
                         ));
                     }
                 }
             }
-            RawEvent::Attribute(_, (None, name), value) if depth == 0 && name.as_str() == "xmlns" => {
+            RawEvent::Attribute(_, (None, name), value)
+                if depth == 0 && name.as_str() == "xmlns" =>
+            {
                 self.default_ns_ok = value.as_str() == ns::CLIENT;
             }
             RawEvent::Text(_, text) if depth == 1 => {
                 // Whitespace between stanzas is a keepalive (RFC 6120 §4.6.1); anything else is
                 // character data where the grammar allows none.
-                if text.as_str().bytes().all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n')) {
+                if text
+                    .as_str()
+                    .bytes()
+                    .all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+                {
                     return Ok(None);
                 }
-                return Err(StreamError::new(StreamErrorKind::NotWellFormed, "text outside any stanza"));
+                return Err(StreamError::new(
+                    StreamErrorKind::NotWellFormed,
+                    "text outside any stanza",
+                ));
             }
             _ => {}
         }
         let is_head_close = matches!(ev, RawEvent::ElementHeadClose(_));
         let is_foot = matches!(ev, RawEvent::ElementFoot(_));
         self.builder.process_event(ev).map_err(|e| match e {
-            minidom::Error::MissingNamespace => {
-                StreamError::new(StreamErrorKind::NotWellFormed, "element or attribute prefix without a namespace")
-            }
+            minidom::Error::MissingNamespace => StreamError::new(
+                StreamErrorKind::NotWellFormed,
+                "element or attribute prefix without a namespace",
+            ),
             other => not_well_formed(other),
         })?;
         let new_depth = self.builder.depth();
@@ -185,7 +203,10 @@ impl XmlReader {
     }
 
     fn header_event(&mut self) -> Result<StreamEvent, StreamError> {
-        let top = self.builder.top().ok_or_else(|| not_well_formed("no stream header"))?;
+        let top = self
+            .builder
+            .top()
+            .ok_or_else(|| not_well_formed("no stream header"))?;
         if top.name() != "stream" || !top.has_ns(ns::STREAM) {
             return Err(StreamError::new(
                 StreamErrorKind::InvalidNamespace,
@@ -193,11 +214,16 @@ impl XmlReader {
             ));
         }
         if !self.default_ns_ok {
-            return Err(StreamError::new(StreamErrorKind::InvalidNamespace, "the default namespace must be jabber:client"));
+            return Err(StreamError::new(
+                StreamErrorKind::InvalidNamespace,
+                "the default namespace must be jabber:client",
+            ));
         }
         let mut header = Element::bare("stream", ns::STREAM);
         for ((ns_, name), value) in top.attrs().iter() {
-            header.attrs_mut().insert(ns_.clone(), name.clone(), value.clone());
+            header
+                .attrs_mut()
+                .insert(ns_.clone(), name.clone(), value.clone());
         }
         Ok(StreamEvent::Open(header))
     }
@@ -206,7 +232,10 @@ impl XmlReader {
 fn map_rxml_error(e: rxml::Error) -> StreamError {
     let msg = e.to_string();
     if msg.contains("token length") || msg.contains("too long") {
-        return StreamError::new(StreamErrorKind::PolicyViolation, "an XML name or attribute value is too long");
+        return StreamError::new(
+            StreamErrorKind::PolicyViolation,
+            "an XML name or attribute value is too long",
+        );
     }
     if msg.contains("restricted xml") || msg.contains("entity") {
         // DTDs, entity declarations and references, processing instructions and comments:
@@ -221,7 +250,10 @@ pub fn parse_element(bytes: &[u8], limits: Limits) -> Result<Element, StreamErro
     if bytes.len() > limits.max_stanza_bytes {
         return Err(StreamError::new(
             StreamErrorKind::PolicyViolation,
-            format!("stanza exceeds the limit of {} bytes", limits.max_stanza_bytes),
+            format!(
+                "stanza exceeds the limit of {} bytes",
+                limits.max_stanza_bytes
+            ),
         ));
     }
     let mut opts = rxml::parser::Options::default();
@@ -247,5 +279,8 @@ pub fn parse_element(bytes: &[u8], limits: Limits) -> Result<Element, StreamErro
             Err(EndOrError::Error(e)) => return Err(map_rxml_error(e)),
         }
     }
-    builder.root.take().ok_or_else(|| not_well_formed("no element"))
+    builder
+        .root
+        .take()
+        .ok_or_else(|| not_well_formed("no element"))
 }

@@ -8,9 +8,15 @@ use super::StreamError;
 use halyard_xep::ns;
 
 fn esc(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.bytes().any(|b| matches!(b, b'<' | b'>' | b'&' | b'\'' | b'"')) {
+    if s.bytes()
+        .any(|b| matches!(b, b'<' | b'>' | b'&' | b'\'' | b'"'))
+    {
         std::borrow::Cow::Owned(
-            s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;"),
+            s.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+                .replace('\'', "&apos;")
+                .replace('"', "&quot;"),
         )
     } else {
         std::borrow::Cow::Borrowed(s)
@@ -32,7 +38,12 @@ pub fn stream_header(id: &str, from: &str, to: Option<&str>) -> String {
 /// The server's `<open/>` for WebSocket framing (RFC 7395 §3.3.2).
 pub fn ws_open(id: &str, from: &str, to: Option<&str>) -> String {
     let to = to.map(|t| format!(" to='{}'", esc(t))).unwrap_or_default();
-    format!("<open xmlns='{}' id='{}' from='{}'{to} version='1.0' xml:lang='en'/>", ns::FRAMING, esc(id), esc(from))
+    format!(
+        "<open xmlns='{}' id='{}' from='{}'{to} version='1.0' xml:lang='en'/>",
+        ns::FRAMING,
+        esc(id),
+        esc(from)
+    )
 }
 
 pub const STREAM_FOOTER: &str = "</stream:stream>";
@@ -46,9 +57,19 @@ pub fn stream_error(err: &StreamError) -> String {
     let text = err
         .text
         .as_deref()
-        .map(|t| format!("<text xmlns='{}' xml:lang='en'>{}</text>", ns::STREAMS, esc(t)))
+        .map(|t| {
+            format!(
+                "<text xmlns='{}' xml:lang='en'>{}</text>",
+                ns::STREAMS,
+                esc(t)
+            )
+        })
         .unwrap_or_default();
-    format!("<stream:error><{} xmlns='{}'/>{text}</stream:error>", err.kind.condition(), ns::STREAMS)
+    format!(
+        "<stream:error><{} xmlns='{}'/>{text}</stream:error>",
+        err.kind.condition(),
+        ns::STREAMS
+    )
 }
 
 /// The same for WebSocket framing, where each message declares its namespaces.
@@ -56,7 +77,13 @@ pub fn ws_stream_error(err: &StreamError) -> String {
     let text = err
         .text
         .as_deref()
-        .map(|t| format!("<text xmlns='{}' xml:lang='en'>{}</text>", ns::STREAMS, esc(t)))
+        .map(|t| {
+            format!(
+                "<text xmlns='{}' xml:lang='en'>{}</text>",
+                ns::STREAMS,
+                esc(t)
+            )
+        })
         .unwrap_or_default();
     format!(
         "<stream:error xmlns:stream='{}'><{} xmlns='{}'/>{text}</stream:error>",
@@ -92,7 +119,10 @@ mod tests {
 
     #[test]
     fn stream_error_carries_condition_and_text() {
-        let s = stream_error(&StreamError::new(StreamErrorKind::PolicyViolation, "too big"));
+        let s = stream_error(&StreamError::new(
+            StreamErrorKind::PolicyViolation,
+            "too big",
+        ));
         assert_eq!(
             s,
             "<stream:error><policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/><text xmlns='urn:ietf:params:xml:ns:xmpp-streams' xml:lang='en'>too big</text></stream:error>"

@@ -17,7 +17,12 @@ pub const NODE: &str = "https://halyard.chat";
 pub fn ver(reg: &Registry) -> String {
     let mut s = String::new();
     for id in reg.server_identities() {
-        s.push_str(&format!("{}/{}//{}<", id.category, id.type_, id.name.unwrap_or("")));
+        s.push_str(&format!(
+            "{}/{}//{}<",
+            id.category,
+            id.type_,
+            id.name.unwrap_or("")
+        ));
     }
     for f in reg.server_features() {
         s.push_str(f);
@@ -52,7 +57,11 @@ mod tests {
     #[test]
     fn spec_example_hash() {
         let mut reg = Registry::new();
-        reg.server_identity(Identity { category: "client", type_: "pc", name: Some("Exodus 0.9.1") });
+        reg.server_identity(Identity {
+            category: "client",
+            type_: "pc",
+            name: Some("Exodus 0.9.1"),
+        });
         for f in [
             "http://jabber.org/protocol/caps",
             "http://jabber.org/protocol/disco#info",

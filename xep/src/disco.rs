@@ -36,7 +36,9 @@ pub fn server_info(reg: &Registry, node: Option<&str>) -> Element {
 }
 
 fn feature(var: &str) -> Element {
-    Element::builder("feature", ns::DISCO_INFO).attr(n("var"), var).build()
+    Element::builder("feature", ns::DISCO_INFO)
+        .attr(n("var"), var)
+        .build()
 }
 
 fn check_node(reg: &Registry, iq: &Stanza) -> Result<Option<String>, StanzaError> {
@@ -110,7 +112,11 @@ pub fn register(reg: &mut Registry) {
     let items = Arc::new(Items);
     reg.iq(IqScope::Server, ns::DISCO_ITEMS, items.clone());
     reg.iq(IqScope::Account, ns::DISCO_ITEMS, items);
-    reg.server_identity(crate::registry::Identity { category: "server", type_: "im", name: Some("Halyard") });
+    reg.server_identity(crate::registry::Identity {
+        category: "server",
+        type_: "im",
+        name: Some("Halyard"),
+    });
     reg.server_feature(ns::DISCO_INFO);
     reg.server_feature(ns::DISCO_ITEMS);
     reg.account_feature(ns::DISCO_INFO);

@@ -17,7 +17,10 @@ use crate::registry::{IqHandler, IqReply, IqScope, Registry, SessionHook};
 use crate::stanza::{n, Stanza, StanzaError};
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn query(seconds: u64, status: &str) -> Element {
@@ -36,7 +39,11 @@ impl IqHandler for ServerUptime {
         if iq.type_() != "get" {
             return IqReply::Error(StanzaError::BadRequest(None));
         }
-        let up = host.started_at().elapsed().map(|d| d.as_secs()).unwrap_or(0);
+        let up = host
+            .started_at()
+            .elapsed()
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         IqReply::Result(Some(query(up, "")))
     }
 }
@@ -72,7 +79,10 @@ impl IqHandler for AccountLast {
             return IqReply::Result(Some(query(0, "")));
         }
         match host.last_activity().get(&owner).await {
-            Ok(Some(last)) => IqReply::Result(Some(query(now_secs().saturating_sub(last.logout), &last.status))),
+            Ok(Some(last)) => IqReply::Result(Some(query(
+                now_secs().saturating_sub(last.logout),
+                &last.status,
+            ))),
             Ok(None) => IqReply::Error(StanzaError::ServiceUnavailable(None)),
             Err(e) => {
                 tracing::warn!(error = %e, "last activity: store read failed");
@@ -96,7 +106,10 @@ impl SessionHook for RecordLogout {
             .and_then(|p| p.get_child("status", ns::CLIENT))
             .map(|s| s.text())
             .unwrap_or_default();
-        let last = LastActivity { logout: now_secs(), status };
+        let last = LastActivity {
+            logout: now_secs(),
+            status,
+        };
         if let Err(e) = host.last_activity().set(&user, &last).await {
             tracing::warn!(error = %e, "last activity: store write failed");
         }

@@ -18,7 +18,9 @@ impl IqHandler for Ping {
     async fn handle(&self, _host: &dyn Host, iq: &Stanza) -> IqReply {
         match iq.type_() {
             "get" => IqReply::Result(None),
-            _ => IqReply::Error(StanzaError::BadRequest(Some("ping is an iq of type get".into()))),
+            _ => IqReply::Error(StanzaError::BadRequest(Some(
+                "ping is an iq of type get".into(),
+            ))),
         }
     }
 }

@@ -46,16 +46,26 @@ fn stamp(el: &Element, from: &Jid, to: &Jid) -> Element {
 
 /// A presence stanza of `type_` with no payload.
 fn presence(type_: &str, from: &Jid, to: &Jid) -> Element {
-    let el = Element::builder("presence", ns::CLIENT).attr(n("type"), type_).build();
+    let el = Element::builder("presence", ns::CLIENT)
+        .attr(n("type"), type_)
+        .build();
     stamp(&el, from, to)
 }
 
 fn available(host: &dyn Host, user: &BareJid) -> Vec<FullJid> {
-    host.resources(user).into_iter().filter(|r| r.is_available()).map(|r| r.jid).collect()
+    host.resources(user)
+        .into_iter()
+        .filter(|r| r.is_available())
+        .map(|r| r.jid)
+        .collect()
 }
 
 fn interested(host: &dyn Host, user: &BareJid) -> Vec<FullJid> {
-    host.resources(user).into_iter().filter(|r| r.roster_interested).map(|r| r.jid).collect()
+    host.resources(user)
+        .into_iter()
+        .filter(|r| r.roster_interested)
+        .map(|r| r.jid)
+        .collect()
 }
 
 fn deliver_all(host: &dyn Host, to: &[FullJid], el: &Element) {
@@ -95,7 +105,9 @@ fn send_unavailable(host: &dyn Host, owner: &BareJid, to: &BareJid) {
 /// Whether `jid` is an account of this server, i.e. whether its side of a subscription is
 /// processed here.
 async fn is_local_account(host: &dyn Host, jid: &BareJid) -> StoreResult<bool> {
-    Ok(jid.node().is_some() && host.is_local_domain(jid.domain().as_str()) && host.account_exists(jid).await?)
+    Ok(jid.node().is_some()
+        && host.is_local_domain(jid.domain().as_str())
+        && host.account_exists(jid).await?)
 }
 
 /// The contacts of the items matching `pred`.
@@ -116,29 +128,75 @@ fn contacts(items: &[RosterItem], pred: impl Fn(&RosterItem) -> bool) -> Vec<Bar
 // --- Subscriptions (§3). `user` is always the owner of the roster being changed first. ---
 
 /// §3.1.2 then §3.1.3: `user` asks to subscribe to `contact`'s presence.
-async fn subscribe(host: &dyn Host, user: &BareJid, contact: &BareJid, el: &Element) -> StoreResult<()> {
+async fn subscribe(
+    host: &dyn Host,
+    user: &BareJid,
+    contact: &BareJid,
+    el: &Element,
+) -> StoreResult<()> {
     let old = load(host, user, contact).await?;
     let ask = old.ask || !old.subscription.has_to();
-    save(host, user, contact, &old, &RosterItem { in_roster: true, ask, ..old.clone() }).await?;
+    save(
+        host,
+        user,
+        contact,
+        &old,
+        &RosterItem {
+            in_roster: true,
+            ask,
+            ..old.clone()
+        },
+    )
+    .await?;
     if !is_local_account(host, contact).await? {
         return Ok(());
     }
     let theirs = load(host, contact, user).await?;
     if theirs.subscription.has_from() {
-        return subscribed_in(host, user, contact, &presence("subscribed", contact, user), true).await;
+        return subscribed_in(
+            host,
+            user,
+            contact,
+            &presence("subscribed", contact, user),
+            true,
+        )
+        .await;
     }
     if theirs.approved {
         tracing::debug!(%user, %contact, "presence: subscription pre-approved");
-        return approve(host, contact, user, &theirs, &presence("subscribed", contact, user)).await;
+        return approve(
+            host,
+            contact,
+            user,
+            &theirs,
+            &presence("subscribed", contact, user),
+        )
+        .await;
     }
-    save(host, contact, user, &theirs, &RosterItem { pending_in: Some(String::from(el)), ..theirs.clone() }).await?;
+    save(
+        host,
+        contact,
+        user,
+        &theirs,
+        &RosterItem {
+            pending_in: Some(String::from(el)),
+            ..theirs.clone()
+        },
+    )
+    .await?;
     deliver_all(host, &available(host, contact), el);
     Ok(())
 }
 
 /// §3.1.5 (or §3.4 automatically): `user` approves `contact`'s pending request; `old` is the
 /// user's item for the contact.
-async fn approve(host: &dyn Host, user: &BareJid, contact: &BareJid, old: &RosterItem, el: &Element) -> StoreResult<()> {
+async fn approve(
+    host: &dyn Host,
+    user: &BareJid,
+    contact: &BareJid,
+    old: &RosterItem,
+    el: &Element,
+) -> StoreResult<()> {
     let new = RosterItem {
         subscription: old.subscription.with_from(true),
         pending_in: None,
@@ -154,7 +212,12 @@ async fn approve(host: &dyn Host, user: &BareJid, contact: &BareJid, old: &Roste
 
 /// `user` sends `subscribed` to `contact`: an approval if the contact asked (§3.1.5), else a
 /// pre-approval (§3.4); ignored when the contact is already subscribed.
-async fn subscribed(host: &dyn Host, user: &BareJid, contact: &BareJid, el: &Element) -> StoreResult<()> {
+async fn subscribed(
+    host: &dyn Host,
+    user: &BareJid,
+    contact: &BareJid,
+    el: &Element,
+) -> StoreResult<()> {
     let old = load(host, user, contact).await?;
     if old.subscription.has_from() {
         tracing::debug!(%user, %contact, "presence: subscribed for an existing subscription ignored");
@@ -163,7 +226,18 @@ async fn subscribed(host: &dyn Host, user: &BareJid, contact: &BareJid, el: &Ele
     if old.pending_in.is_some() {
         return approve(host, user, contact, &old, el).await;
     }
-    save(host, user, contact, &old, &RosterItem { approved: true, in_roster: true, ..old.clone() }).await
+    save(
+        host,
+        user,
+        contact,
+        &old,
+        &RosterItem {
+            approved: true,
+            in_roster: true,
+            ..old.clone()
+        },
+    )
+    .await
 }
 
 /// §3.1.6: `user` receives `contact`'s approval. `auto_reply` marks the contact's server's answer to
@@ -185,22 +259,40 @@ async fn subscribed_in(
         deliver_all(host, &interested(host, user), el);
     }
     if pending {
-        let new = RosterItem { subscription: old.subscription.with_to(true), ask: false, ..old.clone() };
+        let new = RosterItem {
+            subscription: old.subscription.with_to(true),
+            ask: false,
+            ..old.clone()
+        };
         save(host, user, contact, &old, &new).await?;
     }
     Ok(())
 }
 
 /// §3.3.2: `user` unsubscribes from `contact`'s presence.
-async fn unsubscribe(host: &dyn Host, user: &BareJid, contact: &BareJid, el: &Element) -> StoreResult<()> {
+async fn unsubscribe(
+    host: &dyn Host,
+    user: &BareJid,
+    contact: &BareJid,
+    el: &Element,
+) -> StoreResult<()> {
     let old = load(host, user, contact).await?;
-    let new = RosterItem { subscription: old.subscription.with_to(false), ask: false, ..old.clone() };
+    let new = RosterItem {
+        subscription: old.subscription.with_to(false),
+        ask: false,
+        ..old.clone()
+    };
     save(host, user, contact, &old, &new).await?;
     unsubscribe_in(host, contact, user, el).await
 }
 
 /// §3.3.3: `contact` no longer wants `user`'s presence (or withdraws its pending request).
-async fn unsubscribe_in(host: &dyn Host, user: &BareJid, contact: &BareJid, el: &Element) -> StoreResult<()> {
+async fn unsubscribe_in(
+    host: &dyn Host,
+    user: &BareJid,
+    contact: &BareJid,
+    el: &Element,
+) -> StoreResult<()> {
     if !is_local_account(host, user).await? {
         return Ok(());
     }
@@ -209,7 +301,11 @@ async fn unsubscribe_in(host: &dyn Host, user: &BareJid, contact: &BareJid, el: 
         return Ok(());
     }
     deliver_all(host, &interested(host, user), el);
-    let new = RosterItem { subscription: old.subscription.with_from(false), pending_in: None, ..old.clone() };
+    let new = RosterItem {
+        subscription: old.subscription.with_from(false),
+        pending_in: None,
+        ..old.clone()
+    };
     save(host, user, contact, &old, &new).await?;
     if old.subscription.has_from() {
         send_unavailable(host, user, contact);
@@ -219,7 +315,12 @@ async fn unsubscribe_in(host: &dyn Host, user: &BareJid, contact: &BareJid, el: 
 
 /// §3.2.2 and §3.4: `user` cancels or refuses `contact`'s subscription, or withdraws a
 /// pre-approval (which is not routed).
-async fn unsubscribed(host: &dyn Host, user: &BareJid, contact: &BareJid, el: &Element) -> StoreResult<()> {
+async fn unsubscribed(
+    host: &dyn Host,
+    user: &BareJid,
+    contact: &BareJid,
+    el: &Element,
+) -> StoreResult<()> {
     let old = load(host, user, contact).await?;
     if old.subscription.has_from() {
         // While the contact is still subscribed (§3.2.2).
@@ -239,7 +340,12 @@ async fn unsubscribed(host: &dyn Host, user: &BareJid, contact: &BareJid, el: &E
 }
 
 /// §3.2.3: `user` loses its subscription to (or its pending request for) `contact`'s presence.
-async fn unsubscribed_in(host: &dyn Host, user: &BareJid, contact: &BareJid, el: &Element) -> StoreResult<()> {
+async fn unsubscribed_in(
+    host: &dyn Host,
+    user: &BareJid,
+    contact: &BareJid,
+    el: &Element,
+) -> StoreResult<()> {
     if !is_local_account(host, user).await? {
         return Ok(());
     }
@@ -248,14 +354,23 @@ async fn unsubscribed_in(host: &dyn Host, user: &BareJid, contact: &BareJid, el:
         return Ok(());
     }
     deliver_all(host, &interested(host, user), el);
-    let new = RosterItem { subscription: old.subscription.with_to(false), ask: false, ..old.clone() };
+    let new = RosterItem {
+        subscription: old.subscription.with_to(false),
+        ask: false,
+        ..old.clone()
+    };
     save(host, user, contact, &old, &new).await
 }
 
 /// RFC 6121 §2.5.2: `user` removed `contact` from the roster (`old` is the removed item, already
 /// gone from the store and pushed): the subscriptions it held are cancelled on the contact's side
 /// as if the user had sent `unsubscribe` and `unsubscribed`.
-pub async fn removed(host: &dyn Host, user: &BareJid, contact: &BareJid, old: &RosterItem) -> StoreResult<()> {
+pub async fn removed(
+    host: &dyn Host,
+    user: &BareJid,
+    contact: &BareJid,
+    old: &RosterItem,
+) -> StoreResult<()> {
     if old.subscription.has_to() || old.ask {
         unsubscribe_in(host, contact, user, &presence("unsubscribe", user, contact)).await?;
     }
@@ -263,7 +378,13 @@ pub async fn removed(host: &dyn Host, user: &BareJid, contact: &BareJid, old: &R
         if old.subscription.has_from() {
             send_unavailable(host, user, contact);
         }
-        unsubscribed_in(host, contact, user, &presence("unsubscribed", user, contact)).await?;
+        unsubscribed_in(
+            host,
+            contact,
+            user,
+            &presence("unsubscribed", user, contact),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -274,17 +395,21 @@ pub async fn removed(host: &dyn Host, user: &BareJid, contact: &BareJid, old: &R
 fn priority(el: &Element) -> Result<i8, StanzaError> {
     match el.get_child("priority", ns::CLIENT) {
         None => Ok(0),
-        Some(p) => p
-            .text()
-            .trim()
-            .parse()
-            .map_err(|_| StanzaError::BadRequest(Some("priority must be an integer from -128 to 127".into()))),
+        Some(p) => p.text().trim().parse().map_err(|_| {
+            StanzaError::BadRequest(Some("priority must be an integer from -128 to 127".into()))
+        }),
     }
 }
 
 /// Delivers `el` (sent by `full`) to the contacts subscribed to the user's presence and to the
 /// user's available resources, `full` itself when `reflect`. Returns the contacts reached.
-fn broadcast_to(host: &dyn Host, full: &FullJid, items: &[RosterItem], el: &Element, reflect: bool) -> Vec<BareJid> {
+fn broadcast_to(
+    host: &dyn Host,
+    full: &FullJid,
+    items: &[RosterItem],
+    el: &Element,
+    reflect: bool,
+) -> Vec<BareJid> {
     let user = full.to_bare();
     let subscribers = contacts(items, |i| i.subscription.has_from());
     for contact in &subscribers {
@@ -309,7 +434,10 @@ async fn available_broadcast(host: &dyn Host, full: &FullJid, st: &Stanza) -> St
         }
     };
     let user = full.to_bare();
-    let initial = !host.resources(&user).iter().any(|r| &r.jid == full && r.is_available());
+    let initial = !host
+        .resources(&user)
+        .iter()
+        .any(|r| &r.jid == full && r.is_available());
     let items = host.roster().items(&user).await?;
     let mut el = st.el.clone();
     el.set_attr(Namespace::NONE, n("from"), full.to_string());
@@ -327,7 +455,9 @@ async fn available_broadcast(host: &dyn Host, full: &FullJid, st: &Stanza) -> St
                 Ok(req) => {
                     host.deliver(full, &req);
                 }
-                Err(e) => tracing::warn!(error = %e, "presence: stored subscription request unreadable"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "presence: stored subscription request unreadable")
+                }
             }
         }
     }
@@ -344,7 +474,9 @@ async fn unavailable(
     was_available: bool,
     reflect: bool,
 ) -> StoreResult<()> {
-    let el = el.cloned().unwrap_or_else(|| Element::builder("presence", ns::CLIENT).build());
+    let el = el
+        .cloned()
+        .unwrap_or_else(|| Element::builder("presence", ns::CLIENT).build());
     let mut el = el;
     el.set_attr(Namespace::NONE, n("type"), "unavailable");
     host.set_presence(full, None);
@@ -358,7 +490,10 @@ async fn unavailable(
     } else {
         Vec::new()
     };
-    for to in directed.iter().filter(|to| !reached.contains(&to.to_bare())) {
+    for to in directed
+        .iter()
+        .filter(|to| !reached.contains(&to.to_bare()))
+    {
         deliver_to(host, to, &stamp(&el, full, to));
     }
     Ok(())
@@ -374,7 +509,12 @@ async fn directed(host: &dyn Host, full: &FullJid, to: &Jid, st: &Stanza) -> Sto
     }
     if st.type_() == "unavailable" {
         host.remove_directed_presence(full, to);
-    } else if !host.roster().item(&user, &target).await?.is_some_and(|i| i.subscription.has_from()) {
+    } else if !host
+        .roster()
+        .item(&user, &target)
+        .await?
+        .is_some_and(|i| i.subscription.has_from())
+    {
         host.add_directed_presence(full, to);
     }
     Ok(())
@@ -383,8 +523,12 @@ async fn directed(host: &dyn Host, full: &FullJid, to: &Jid, st: &Stanza) -> Sto
 /// A probe sent by a client (§4.3.2): answered only if the contact allows the user its presence.
 async fn probe(host: &dyn Host, full: &FullJid, contact: &BareJid) -> StoreResult<()> {
     let user = full.to_bare();
-    let allowed =
-        *contact == user || host.roster().item(contact, &user).await?.is_some_and(|i| i.subscription.has_from());
+    let allowed = *contact == user
+        || host
+            .roster()
+            .item(contact, &user)
+            .await?
+            .is_some_and(|i| i.subscription.has_from());
     if !allowed {
         tracing::debug!(%full, %contact, "presence: unauthorized probe ignored");
         return Ok(());
@@ -425,7 +569,10 @@ async fn process(host: &dyn Host, full: &FullJid, st: &Stanza) -> StoreResult<()
         ("probe", Some(to)) => probe(host, full, &to.to_bare()).await,
         ("available", None) => available_broadcast(host, full, st).await,
         ("unavailable", None) => {
-            let was_available = host.resources(&user).iter().any(|r| &r.jid == full && r.is_available());
+            let was_available = host
+                .resources(&user)
+                .iter()
+                .any(|r| &r.jid == full && r.is_available());
             unavailable(host, full, Some(&st.el), was_available, true).await
         }
         ("available" | "unavailable", Some(to)) => directed(host, full, to, st).await,
@@ -438,7 +585,12 @@ async fn process(host: &dyn Host, full: &FullJid, st: &Stanza) -> StoreResult<()
             Ok(())
         }
         (_, _) => {
-            reply_error(host, full, st, StanzaError::BadRequest(Some("unknown presence type".into())));
+            reply_error(
+                host,
+                full,
+                st,
+                StanzaError::BadRequest(Some("unknown presence type".into())),
+            );
             Ok(())
         }
     }
@@ -467,7 +619,10 @@ struct SessionEnd;
 impl SessionHook for SessionEnd {
     async fn ended(&self, host: &dyn Host, full: &FullJid, presence: Option<&Element>) {
         let was_available = presence.is_some()
-            || host.resources(&full.to_bare()).iter().any(|r| &r.jid == full && r.is_available());
+            || host
+                .resources(&full.to_bare())
+                .iter()
+                .any(|r| &r.jid == full && r.is_available());
         if let Err(e) = unavailable(host, full, None, was_available, false).await {
             tracing::warn!(error = %e, "presence: store failed at session end");
         }
@@ -478,4 +633,468 @@ pub fn register(reg: &mut Registry) {
     reg.module("RFC6121-presence");
     reg.presence_hook(HOOK_PRIORITY, Arc::new(PresenceHook));
     reg.session_hook(Arc::new(SessionEnd));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::Subscription;
+    use crate::testing::{addr, TestHost};
+
+    fn item(contact: &str, subscription: Subscription) -> RosterItem {
+        RosterItem {
+            jid: addr(contact),
+            subscription,
+            in_roster: true,
+            ..RosterItem::default()
+        }
+    }
+
+    /// `a` and `b` subscribed to each other.
+    fn friends(h: &TestHost, a: &str, b: &str) {
+        h.put_item(a, item(b, Subscription::Both));
+        h.put_item(b, item(a, Subscription::Both));
+    }
+
+    /// Binds `jid`, fetches the roster and sends initial presence, then clears the delivery log.
+    async fn online(h: &TestHost, jid: &str) {
+        h.bind(jid);
+        h.iq(
+            jid,
+            "<iq type='get' id='g'><query xmlns='jabber:iq:roster'/></iq>",
+        )
+        .await;
+        assert!(h.presence(jid, "<presence/>").await);
+        h.take();
+    }
+
+    fn state(h: &TestHost, user: &str, contact: &str) -> Option<(Subscription, bool, bool, bool)> {
+        h.item(user, contact)
+            .map(|i| (i.subscription, i.ask, i.pending_in.is_some(), i.approved))
+    }
+
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn subscription_flow_from_none_to_both() {
+        let h = TestHost::new(&["a", "b"]);
+        online(&h, "a/r").await;
+        online(&h, "b/r").await;
+
+        h.presence(
+            "a/r",
+            "<presence type='subscribe' to='b/elsewhere' id='s1'/>",
+        )
+        .await;
+        assert_eq!(h.lines(), ["a/r: push b none ask", "b/r: subscribe a -> b"]);
+        assert_eq!(
+            state(&h, "b", "a"),
+            Some((Subscription::None, false, true, false))
+        );
+        assert!(!h.item("b", "a").is_some_and(|i| i.in_roster));
+
+        h.presence("b/r", "<presence type='subscribed' to='a'/>")
+            .await;
+        assert_eq!(
+            h.lines(),
+            [
+                "a/r: subscribed b -> a",
+                "a/r: push b to",
+                "b/r: push a from",
+                "a/r: available b/r -> a"
+            ]
+        );
+
+        h.presence("b/r", "<presence type='subscribe' to='a'/>")
+            .await;
+        assert_eq!(h.lines(), ["b/r: push a from ask", "a/r: subscribe b -> a"]);
+        h.presence("a/r", "<presence type='subscribed' to='b'/>")
+            .await;
+        assert_eq!(
+            h.lines(),
+            [
+                "b/r: subscribed a -> b",
+                "b/r: push a both",
+                "a/r: push b both",
+                "b/r: available a/r -> b"
+            ]
+        );
+        assert_eq!(
+            state(&h, "a", "b"),
+            Some((Subscription::Both, false, false, false))
+        );
+        assert_eq!(
+            state(&h, "b", "a"),
+            Some((Subscription::Both, false, false, false))
+        );
+        assert!(h.routed().is_empty());
+    }
+
+    #[tokio::test]
+    async fn unsubscribe_and_unsubscribed() {
+        let h = TestHost::new(&["a", "b"]);
+        friends(&h, "a", "b");
+        online(&h, "a/r").await;
+        online(&h, "b/r").await;
+
+        h.presence("a/r", "<presence type='unsubscribe' to='b'/>")
+            .await;
+        assert_eq!(
+            h.lines(),
+            [
+                "a/r: push b from",
+                "b/r: unsubscribe a -> b",
+                "b/r: push a to",
+                "a/r: unavailable b/r -> a"
+            ]
+        );
+
+        h.presence("a/r", "<presence type='unsubscribed' to='b'/>")
+            .await;
+        assert_eq!(
+            h.lines(),
+            [
+                "b/r: unavailable a/r -> b",
+                "a/r: push b none",
+                "b/r: unsubscribed a -> b",
+                "b/r: push a none"
+            ]
+        );
+        assert_eq!(
+            state(&h, "a", "b"),
+            Some((Subscription::None, false, false, false))
+        );
+        assert_eq!(
+            state(&h, "b", "a"),
+            Some((Subscription::None, false, false, false))
+        );
+
+        // Nothing left to cancel: no state change, nothing routed.
+        h.presence("a/r", "<presence type='unsubscribed' to='b'/>")
+            .await;
+        h.presence("a/r", "<presence type='unsubscribe' to='b'/>")
+            .await;
+        assert!(h.lines().is_empty());
+    }
+
+    #[tokio::test]
+    async fn refusing_a_request_forgets_it() {
+        let h = TestHost::new(&["a", "b"]);
+        online(&h, "a/r").await;
+        online(&h, "b/r").await;
+        h.presence("a/r", "<presence type='subscribe' to='b'/>")
+            .await;
+        h.take();
+        h.presence("b/r", "<presence type='unsubscribed' to='a'/>")
+            .await;
+        assert_eq!(h.lines(), ["a/r: unsubscribed b -> a", "a/r: push b none"]);
+        assert!(
+            h.item("b", "a").is_none(),
+            "the request-only item is dropped"
+        );
+        // A 'subscribed' without a request is a pre-approval, not an approval.
+        h.presence("b/r", "<presence type='subscribed' to='a'/>")
+            .await;
+        assert_eq!(h.lines(), ["b/r: push a none approved"]);
+        assert_eq!(
+            state(&h, "a", "b"),
+            Some((Subscription::None, false, false, false))
+        );
+    }
+
+    #[tokio::test]
+    async fn pre_approval() {
+        let h = TestHost::new(&["a", "b", "c"]);
+        online(&h, "a/r").await;
+        online(&h, "b/r").await;
+        online(&h, "c/r").await;
+
+        h.presence("b/r", "<presence type='subscribed' to='a'/>")
+            .await;
+        assert_eq!(h.lines(), ["b/r: push a none approved"]);
+        h.presence("a/r", "<presence type='subscribe' to='b'/>")
+            .await;
+        assert_eq!(
+            h.lines(),
+            [
+                "a/r: push b none ask",
+                "a/r: subscribed b -> a",
+                "a/r: push b to",
+                "b/r: push a from",
+                "a/r: available b/r -> a",
+            ]
+        );
+        assert_eq!(
+            state(&h, "b", "a"),
+            Some((Subscription::From, false, false, false))
+        );
+
+        // A withdrawn pre-approval is not routed (§3.4).
+        h.presence("b/r", "<presence type='subscribed' to='c'/>")
+            .await;
+        h.presence("b/r", "<presence type='unsubscribed' to='c'/>")
+            .await;
+        assert_eq!(h.lines(), ["b/r: push c none approved", "b/r: push c none"]);
+        // Already subscribed: 'subscribed' is ignored.
+        h.presence("b/r", "<presence type='subscribed' to='a'/>")
+            .await;
+        assert!(h.lines().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_request_is_delivered_at_each_login_until_answered() {
+        let h = TestHost::new(&["a", "b"]);
+        online(&h, "a/r").await;
+        h.presence(
+            "a/r",
+            "<presence type='subscribe' to='b'><status>it is me</status></presence>",
+        )
+        .await;
+        assert_eq!(h.lines(), ["a/r: push b none ask"]);
+
+        h.bind("b/r1");
+        h.presence("b/r1", "<presence/>").await;
+        let log = h.take();
+        let req = log
+            .iter()
+            .find(|(_, el)| el.attr("type") == Some("subscribe"))
+            .map(|(_, el)| el)
+            .expect("request");
+        assert_eq!(
+            (req.attr("from"), req.attr("to")),
+            (Some("a@example.com"), Some("b@example.com"))
+        );
+        assert_eq!(
+            req.get_child("status", ns::CLIENT).map(|s| s.text()),
+            Some("it is me".into())
+        );
+
+        h.bind("b/r2");
+        h.presence("b/r2", "<presence/>").await;
+        assert!(h.lines().contains(&"b/r2: subscribe a -> b".to_string()));
+
+        h.presence("b/r2", "<presence type='subscribed' to='a'/>")
+            .await;
+        h.take();
+        h.bind("b/r3");
+        h.presence("b/r3", "<presence/>").await;
+        assert!(!h.lines().iter().any(|l| l.contains("subscribe ")));
+    }
+
+    #[tokio::test]
+    async fn a_request_for_an_existing_subscription_is_answered_by_the_server() {
+        let h = TestHost::new(&["a", "b"]);
+        h.put_item("a", item("b", Subscription::To));
+        h.put_item("b", item("a", Subscription::From));
+        online(&h, "a/r").await;
+        online(&h, "b/r").await;
+        h.presence("a/r", "<presence type='subscribe' to='b'/>")
+            .await;
+        assert_eq!(h.lines(), ["a/r: subscribed b -> a"]);
+        assert_eq!(
+            state(&h, "a", "b"),
+            Some((Subscription::To, false, false, false))
+        );
+    }
+
+    #[tokio::test]
+    async fn initial_presence_probes_and_broadcasts() {
+        let h = TestHost::new(&["a", "b", "c", "d"]);
+        friends(&h, "a", "b");
+        h.put_item("a", item("c", Subscription::From));
+        h.put_item("c", item("a", Subscription::To));
+        for r in ["b/r", "c/r", "d/r", "a/other"] {
+            online(&h, r).await;
+        }
+        h.bind("a/r");
+        h.presence(
+            "a/r",
+            "<presence><show>away</show><priority>5</priority><status>here</status></presence>",
+        )
+        .await;
+        let log = h.take();
+        let lines = sorted(
+            log.iter()
+                .map(|(to, el)| crate::testing::summary(to, el))
+                .collect(),
+        );
+        assert_eq!(
+            lines,
+            [
+                "a/other: available a/r -> a",
+                "a/r: available a/other -> a/r",
+                "a/r: available a/r -> a",
+                "a/r: available b/r -> a/r",
+                "b/r: available a/r -> b",
+                "c/r: available a/r -> c",
+            ]
+        );
+        let to_b = log
+            .iter()
+            .find(|(to, _)| to.as_str() == "b@example.com/r")
+            .map(|(_, el)| el)
+            .expect("b");
+        assert_eq!(
+            to_b.get_child("status", ns::CLIENT).map(|s| s.text()),
+            Some("here".into())
+        );
+        assert_eq!(
+            to_b.get_child("show", ns::CLIENT).map(|s| s.text()),
+            Some("away".into())
+        );
+        let s = h.session("a/r").expect("session");
+        assert_eq!((s.priority, s.presence.is_some()), (5, true));
+
+        // An update goes to the same audience, without probes.
+        h.presence("a/r", "<presence><show>dnd</show></presence>")
+            .await;
+        assert_eq!(
+            sorted(h.lines()),
+            [
+                "a/other: available a/r -> a",
+                "a/r: available a/r -> a",
+                "b/r: available a/r -> b",
+                "c/r: available a/r -> c",
+            ]
+        );
+        assert_eq!(h.session("a/r").map(|s| s.priority), Some(0));
+    }
+
+    #[tokio::test]
+    async fn an_invalid_priority_is_refused() {
+        let h = TestHost::new(&["a"]);
+        h.bind("a/r");
+        h.presence("a/r", "<presence><priority>128</priority></presence>")
+            .await;
+        assert_eq!(h.lines(), ["a/r: error bad-request"]);
+        assert!(h.session("a/r").is_some_and(|s| s.presence.is_none()));
+    }
+
+    #[tokio::test]
+    async fn directed_presence_and_session_end() {
+        let h = TestHost::new(&["a", "b", "c"]);
+        friends(&h, "a", "b");
+        for r in ["a/r", "a/other", "b/r", "c/r"] {
+            online(&h, r).await;
+        }
+        h.presence("a/r", "<presence to='c'><status>psst</status></presence>")
+            .await;
+        h.presence("a/r", "<presence to='b/r'/>").await;
+        assert_eq!(
+            h.lines(),
+            ["c/r: available a/r -> c", "b/r: available a/r -> b/r"]
+        );
+        assert_eq!(
+            h.directed("a/r"),
+            [Jid::new("c@example.com").expect("jid")],
+            "b is subscribed: not tracked"
+        );
+
+        h.end("a/r", true).await;
+        assert_eq!(
+            h.lines(),
+            [
+                "b/r: unavailable a/r -> b",
+                "a/other: unavailable a/r -> a",
+                "c/r: unavailable a/r -> c"
+            ]
+        );
+
+        // The same when the core runs the hooks before unbinding; directed unavailable untracks.
+        online(&h, "a/r2").await;
+        h.presence("a/r2", "<presence to='c/r'/>").await;
+        h.presence("a/r2", "<presence to='c'/>").await;
+        h.presence("a/r2", "<presence type='unavailable' to='c/r'/>")
+            .await;
+        h.take();
+        assert_eq!(
+            h.directed("a/r2"),
+            [Jid::new("c@example.com").expect("jid")]
+        );
+        h.end("a/r2", false).await;
+        assert_eq!(
+            h.lines(),
+            [
+                "b/r: unavailable a/r2 -> b",
+                "a/other: unavailable a/r2 -> a",
+                "c/r: unavailable a/r2 -> c"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn unavailable_broadcast() {
+        let h = TestHost::new(&["a", "b", "c"]);
+        friends(&h, "a", "b");
+        for r in ["a/r", "b/r", "c/r"] {
+            online(&h, r).await;
+        }
+        h.presence("a/r", "<presence to='c'/>").await;
+        h.take();
+        h.presence(
+            "a/r",
+            "<presence type='unavailable'><status>bye</status></presence>",
+        )
+        .await;
+        let log = h.take();
+        let lines: Vec<_> = log
+            .iter()
+            .map(|(to, el)| crate::testing::summary(to, el))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "b/r: unavailable a/r -> b",
+                "a/r: unavailable a/r -> a",
+                "c/r: unavailable a/r -> c"
+            ]
+        );
+        assert!(log.iter().all(|(_, el)| el
+            .get_child("status", ns::CLIENT)
+            .is_some_and(|s| s.text() == "bye")));
+        assert!(h.session("a/r").is_some_and(|s| s.presence.is_none()));
+        assert!(h.directed("a/r").is_empty());
+        // Already unavailable: the session's end tells nobody.
+        h.end("a/r", true).await;
+        assert!(h.lines().is_empty());
+    }
+
+    #[tokio::test]
+    async fn probes_are_answered_for_subscribers_only() {
+        let h = TestHost::new(&["a", "b", "c"]);
+        h.put_item("a", item("b", Subscription::To));
+        h.put_item("b", item("a", Subscription::From));
+        for r in ["a/r", "b/r", "c/r"] {
+            online(&h, r).await;
+        }
+        h.presence("a/r", "<presence type='probe' to='b'/>").await;
+        assert_eq!(h.lines(), ["a/r: available b/r -> a/r"]);
+        h.presence("c/r", "<presence type='probe' to='b'/>").await;
+        assert!(h.lines().is_empty());
+        h.end("b/r", true).await;
+        h.take();
+        h.presence("a/r", "<presence type='probe' to='b'/>").await;
+        assert_eq!(h.lines(), ["a/r: unavailable b -> a/r"]);
+    }
+
+    #[tokio::test]
+    async fn other_presence() {
+        let h = TestHost::new(&["a", "b"]);
+        online(&h, "a/r").await;
+        online(&h, "b/r").await;
+        assert!(
+            !h.presence("a/r", "<presence to='example.com'/>").await,
+            "presence to the server is passed on"
+        );
+        h.presence("a/r", "<presence type='error' to='b/r'><error type='cancel'><gone xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></presence>").await;
+        h.presence("a/r", "<presence type='bogus'/>").await;
+        h.presence("a/r", "<presence type='subscribe'/>").await;
+        h.presence("a/r", "<presence type='subscribe' to='a'/>")
+            .await;
+        assert_eq!(h.lines(), ["b/r: error gone", "a/r: error bad-request"]);
+        assert!(h.item("a", "a").is_none());
+    }
 }

@@ -183,8 +183,15 @@ impl Registry {
     }
 }
 
-fn insert_by_priority(list: &mut Vec<(i32, Arc<dyn StanzaHook>)>, priority: i32, hook: Arc<dyn StanzaHook>) {
+fn insert_by_priority(
+    list: &mut Vec<(i32, Arc<dyn StanzaHook>)>,
+    priority: i32,
+    hook: Arc<dyn StanzaHook>,
+) {
     // Stable: equal priorities run in registration order.
-    let pos = list.iter().position(|(p, _)| *p < priority).unwrap_or(list.len());
+    let pos = list
+        .iter()
+        .position(|(p, _)| *p < priority)
+        .unwrap_or(list.len());
     list.insert(pos, (priority, hook));
 }

@@ -92,13 +92,23 @@ impl Stanza {
     /// The error reply to this stanza, or `None` when it is itself an error (RFC 6120 §8.3.1: an
     /// error is never answered with an error).
     pub fn error_reply(&self, err: StanzaError) -> Option<Element> {
-        error_reply(&self.el, &self.from.to_string(), &self.to_or_sender_bare(), err)
+        error_reply(
+            &self.el,
+            &self.from.to_string(),
+            &self.to_or_sender_bare(),
+            err,
+        )
     }
 }
 
 /// Builds the error reply to `el` (from `reply_from`, to `reply_to`), keeping its name and id.
 /// Returns `None` for an error stanza.
-pub fn error_reply(el: &Element, reply_to: &str, reply_from: &str, err: StanzaError) -> Option<Element> {
+pub fn error_reply(
+    el: &Element,
+    reply_to: &str,
+    reply_from: &str,
+    err: StanzaError,
+) -> Option<Element> {
     if el.attr("type") == Some("error") {
         return None;
     }
@@ -208,9 +218,18 @@ mod tests {
 
     #[test]
     fn error_reply_swaps_addresses_and_keeps_id() {
-        let el = parse("<iq xmlns='jabber:client' type='get' id='a1' to='example.com'><q xmlns='urn:x'/></iq>");
-        let st = Stanza { kind: Kind::Iq, from: "u@example.com/r".parse().unwrap(), to: Some("example.com".parse().unwrap()), el };
-        let e = st.error_reply(StanzaError::ServiceUnavailable(None)).unwrap();
+        let el = parse(
+            "<iq xmlns='jabber:client' type='get' id='a1' to='example.com'><q xmlns='urn:x'/></iq>",
+        );
+        let st = Stanza {
+            kind: Kind::Iq,
+            from: "u@example.com/r".parse().unwrap(),
+            to: Some("example.com".parse().unwrap()),
+            el,
+        };
+        let e = st
+            .error_reply(StanzaError::ServiceUnavailable(None))
+            .unwrap();
         assert_eq!(e.attr("type"), Some("error"));
         assert_eq!(e.attr("to"), Some("u@example.com/r"));
         assert_eq!(e.attr("from"), Some("example.com"));
@@ -223,7 +242,12 @@ mod tests {
     #[test]
     fn errors_are_never_answered() {
         let el = parse("<message xmlns='jabber:client' type='error'/>");
-        let st = Stanza { kind: Kind::Message, from: "u@example.com/r".parse().unwrap(), to: None, el };
+        let st = Stanza {
+            kind: Kind::Message,
+            from: "u@example.com/r".parse().unwrap(),
+            to: None,
+            el,
+        };
         assert!(st.error_reply(StanzaError::BadRequest(None)).is_none());
     }
 }

@@ -14,7 +14,9 @@ use jid::{BareJid, FullJid, Jid};
 use minidom::rxml::Namespace;
 use minidom::Element;
 
-use crate::host::{Host, LastActivity, LastActivityStore, ResourceInfo, RosterItem, RosterStore, StoreResult};
+use crate::host::{
+    Host, LastActivity, LastActivityStore, ResourceInfo, RosterItem, RosterStore, StoreResult,
+};
 use crate::ns;
 use crate::registry::{Flow, IqReply, IqScope, Registry, Target};
 use crate::stanza::{n, Kind, Stanza};
@@ -44,7 +46,13 @@ pub fn full(s: &str) -> FullJid {
 /// Parses test XML, adding the `jabber:client` namespace when it is missing and expanding a short
 /// `to`.
 pub fn xml(s: &str) -> Element {
-    let s = if s.contains("xmlns=") { s.to_owned() } else { s.replacen(' ', " xmlns='jabber:client' ", 1) };
+    let head = s.find('>').map_or(s, |end| &s[..end]);
+    let s = if head.contains("xmlns=") {
+        s.to_owned()
+    } else {
+        let name_end = head.find([' ', '/']).unwrap_or(head.len());
+        format!("{} xmlns='jabber:client'{}", &s[..name_end], &s[name_end..])
+    };
     let mut el: Element = s.parse().expect("test XML");
     if let Some(to) = el.attr("to").map(addr) {
         el.set_attr(Namespace::NONE, n("to"), to);
@@ -75,10 +83,15 @@ pub struct MemRoster {
 #[async_trait]
 impl RosterStore for MemRoster {
     async fn items(&self, user: &BareJid) -> StoreResult<Vec<RosterItem>> {
-        Ok(lock(&self.users).get(user).map(|(_, m)| m.values().cloned().collect()).unwrap_or_default())
+        Ok(lock(&self.users)
+            .get(user)
+            .map(|(_, m)| m.values().cloned().collect())
+            .unwrap_or_default())
     }
     async fn item(&self, user: &BareJid, contact: &BareJid) -> StoreResult<Option<RosterItem>> {
-        Ok(lock(&self.users).get(user).and_then(|(_, m)| m.get(contact.as_str()).cloned()))
+        Ok(lock(&self.users)
+            .get(user)
+            .and_then(|(_, m)| m.get(contact.as_str()).cloned()))
     }
     async fn put(&self, user: &BareJid, item: &RosterItem) -> StoreResult<u64> {
         let mut users = lock(&self.users);
@@ -163,7 +176,9 @@ impl TestHost {
     }
 
     pub fn item(&self, user: &str, contact: &str) -> Option<RosterItem> {
-        lock(&self.roster.users).get(&bare(user)).and_then(|(_, m)| m.get(&addr(contact)).cloned())
+        lock(&self.roster.users)
+            .get(&bare(user))
+            .and_then(|(_, m)| m.get(&addr(contact)).cloned())
     }
 
     fn stanza(&self, from: &str, xml_: &str) -> Stanza {
@@ -171,7 +186,12 @@ impl TestHost {
         let from = full(from);
         el.set_attr(Namespace::NONE, n("from"), from.to_string());
         let to = el.attr("to").map(|t| Jid::new(t).expect("test to"));
-        Stanza { kind: Kind::of(&el).expect("a stanza"), from: from.into(), to, el }
+        Stanza {
+            kind: Kind::of(&el).expect("a stanza"),
+            from: from.into(),
+            to,
+            el,
+        }
     }
 
     /// Runs the presence hooks as the router does; true when one handled the stanza.
@@ -195,7 +215,11 @@ impl TestHost {
     pub async fn iq(&self, from: &str, xml_: &str) -> IqReply {
         let st = self.stanza(from, xml_);
         let ns = st.payload().map(|p| p.ns()).unwrap_or_default();
-        let handler = self.registry.iq_handler(IqScope::Account, &ns).expect("an iq handler").clone();
+        let handler = self
+            .registry
+            .iq_handler(IqScope::Account, &ns)
+            .expect("an iq handler")
+            .clone();
         handler.handle(self, &st).await
     }
 
@@ -238,13 +262,27 @@ impl TestHost {
 /// XML otherwise; `@example.com` is left out.
 pub fn summary(to: &FullJid, el: &Element) -> String {
     let line = if el.name() == "presence" && el.attr("type") == Some("error") {
-        let cond = el.get_child("error", ns::CLIENT).and_then(|e| e.children().next()).map(|c| c.name().to_owned());
+        let cond = el
+            .get_child("error", ns::CLIENT)
+            .and_then(|e| e.children().next())
+            .map(|c| c.name().to_owned());
         format!("{to}: error {}", cond.unwrap_or_default())
     } else if el.name() == "presence" {
         let t = el.attr("type").unwrap_or("available");
-        format!("{to}: {t} {} -> {}", el.attr("from").unwrap_or("?"), el.attr("to").unwrap_or("?"))
-    } else if let Some(item) = el.get_child("query", ns::ROSTER).and_then(|q| q.get_child("item", ns::ROSTER)) {
-        let mut s = format!("{to}: push {} {}", item.attr("jid").unwrap_or("?"), item.attr("subscription").unwrap_or("?"));
+        format!(
+            "{to}: {t} {} -> {}",
+            el.attr("from").unwrap_or("?"),
+            el.attr("to").unwrap_or("?")
+        )
+    } else if let Some(item) = el
+        .get_child("query", ns::ROSTER)
+        .and_then(|q| q.get_child("item", ns::ROSTER))
+    {
+        let mut s = format!(
+            "{to}: push {} {}",
+            item.attr("jid").unwrap_or("?"),
+            item.attr("subscription").unwrap_or("?")
+        );
         for flag in ["ask", "approved"] {
             if item.attr(flag).is_some() {
                 s.push(' ');

@@ -21,8 +21,16 @@ impl IqHandler for Version {
         }
         IqReply::Result(Some(
             Element::builder("query", ns::VERSION)
-                .append(Element::builder("name", ns::VERSION).append("Halyard").build())
-                .append(Element::builder("version", ns::VERSION).append(env!("CARGO_PKG_VERSION")).build())
+                .append(
+                    Element::builder("name", ns::VERSION)
+                        .append("Halyard")
+                        .build(),
+                )
+                .append(
+                    Element::builder("version", ns::VERSION)
+                        .append(env!("CARGO_PKG_VERSION"))
+                        .build(),
+                )
                 .build(),
         ))
     }
