@@ -1,7 +1,17 @@
 //! End-to-end tests: one binary, one module per capability. Each test starts a server
 //! in-process on loopback port 0 and talks to it over real sockets.
 
+#![allow(dead_code)]
+
 mod client;
 mod common;
 
+mod abuse;
+mod auth;
 mod chat;
+mod cli;
+mod negotiation;
+mod roster_presence;
+mod routing;
+mod services;
+mod websocket;
