@@ -665,9 +665,10 @@ impl<T: Transport> Session<T> {
             tracing::info!("session ended");
         }
         self.close(close_err.as_ref()).await;
-        if let Some((presence, _directed)) = removed {
+        if let Some((presence, directed)) = removed {
             for hook in server.registry.session_hooks() {
-                hook.ended(server.as_ref(), &full, presence.as_ref()).await;
+                hook.ended(server.as_ref(), &full, presence.as_ref(), &directed)
+                    .await;
             }
         }
     }

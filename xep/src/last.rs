@@ -96,7 +96,13 @@ struct RecordLogout;
 
 #[async_trait]
 impl SessionHook for RecordLogout {
-    async fn ended(&self, host: &dyn Host, full: &FullJid, presence: Option<&Element>) {
+    async fn ended(
+        &self,
+        host: &dyn Host,
+        full: &FullJid,
+        presence: Option<&Element>,
+        _directed: &[jid::Jid],
+    ) {
         let user = full.to_bare();
         // Only the last resource to go offline marks the account's last activity.
         if host.resources(&user).iter().any(|r| &r.jid != full) {

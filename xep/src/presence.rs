@@ -473,14 +473,13 @@ async fn unavailable(
     el: Option<&Element>,
     was_available: bool,
     reflect: bool,
+    directed: Vec<Jid>,
 ) -> StoreResult<()> {
-    let el = el
+    let mut el = el
         .cloned()
         .unwrap_or_else(|| Element::builder("presence", ns::CLIENT).build());
-    let mut el = el;
     el.set_attr(Namespace::NONE, n("type"), "unavailable");
     host.set_presence(full, None);
-    let directed = host.directed_presence(full);
     for to in &directed {
         host.remove_directed_presence(full, to);
     }
@@ -573,7 +572,15 @@ async fn process(host: &dyn Host, full: &FullJid, st: &Stanza) -> StoreResult<()
                 .resources(&user)
                 .iter()
                 .any(|r| &r.jid == full && r.is_available());
-            unavailable(host, full, Some(&st.el), was_available, true).await
+            unavailable(
+                host,
+                full,
+                Some(&st.el),
+                was_available,
+                true,
+                host.directed_presence(full),
+            )
+            .await
         }
         ("available" | "unavailable", Some(to)) => directed(host, full, to, st).await,
         ("error", Some(to)) => {
@@ -617,13 +624,20 @@ struct SessionEnd;
 
 #[async_trait]
 impl SessionHook for SessionEnd {
-    async fn ended(&self, host: &dyn Host, full: &FullJid, presence: Option<&Element>) {
+    async fn ended(
+        &self,
+        host: &dyn Host,
+        full: &FullJid,
+        presence: Option<&Element>,
+        directed: &[Jid],
+    ) {
         let was_available = presence.is_some()
             || host
                 .resources(&full.to_bare())
                 .iter()
                 .any(|r| &r.jid == full && r.is_available());
-        if let Err(e) = unavailable(host, full, None, was_available, false).await {
+        if let Err(e) = unavailable(host, full, None, was_available, false, directed.to_vec()).await
+        {
             tracing::warn!(error = %e, "presence: store failed at session end");
         }
     }
@@ -993,7 +1007,7 @@ mod tests {
             "b is subscribed: not tracked"
         );
 
-        h.end("a/r", true).await;
+        h.end("a/r").await;
         assert_eq!(
             h.lines(),
             [
@@ -1014,7 +1028,7 @@ mod tests {
             h.directed("a/r2"),
             [Jid::new("c@example.com").expect("jid")]
         );
-        h.end("a/r2", false).await;
+        h.end("a/r2").await;
         assert_eq!(
             h.lines(),
             [
@@ -1058,7 +1072,7 @@ mod tests {
         assert!(h.session("a/r").is_some_and(|s| s.presence.is_none()));
         assert!(h.directed("a/r").is_empty());
         // Already unavailable: the session's end tells nobody.
-        h.end("a/r", true).await;
+        h.end("a/r").await;
         assert!(h.lines().is_empty());
     }
 
@@ -1074,7 +1088,7 @@ mod tests {
         assert_eq!(h.lines(), ["a/r: available b/r -> a/r"]);
         h.presence("c/r", "<presence type='probe' to='b'/>").await;
         assert!(h.lines().is_empty());
-        h.end("b/r", true).await;
+        h.end("b/r").await;
         h.take();
         h.presence("a/r", "<presence type='probe' to='b'/>").await;
         assert_eq!(h.lines(), ["a/r: unavailable b -> a/r"]);

@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use jid::FullJid;
+use jid::{FullJid, Jid};
 use minidom::Element;
 
 use crate::host::Host;
@@ -65,8 +65,16 @@ pub trait SessionHook: Send + Sync {
     /// A resource was bound.
     async fn bound(&self, _host: &dyn Host, _full: &FullJid) {}
     /// A bound session ended (logout, lost connection, replaced). `presence` is its last
-    /// available presence if it had one.
-    async fn ended(&self, _host: &dyn Host, _full: &FullJid, _presence: Option<&Element>) {}
+    /// available presence if it had one; `directed` the entities it sent directed presence to
+    /// (RFC 6121 §4.6.3), which are owed an unavailable. The session is already unbound.
+    async fn ended(
+        &self,
+        _host: &dyn Host,
+        _full: &FullJid,
+        _presence: Option<&Element>,
+        _directed: &[Jid],
+    ) {
+    }
 }
 
 /// A disco identity (XEP-0030 §3.1).

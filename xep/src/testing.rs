@@ -223,19 +223,16 @@ impl TestHost {
         handler.handle(self, &st).await
     }
 
-    /// Ends a session as the core does: runs the session hooks with its last presence, the session
-    /// unbound before (`unbind_first`) or after them; its directed presence is forgotten last.
-    pub async fn end(&self, jid: &str, unbind_first: bool) {
+    /// Ends a session as the core does: unbinds it (with its directed-presence list), then runs
+    /// the session hooks with its last presence and that list.
+    pub async fn end(&self, jid: &str) {
         let jid = full(jid);
         let presence = self.session(jid.as_str()).and_then(|s| s.presence);
-        if unbind_first {
-            lock(&self.sessions).remove(&jid);
-        }
-        for hook in self.registry.session_hooks() {
-            hook.ended(self, &jid, presence.as_ref()).await;
-        }
         lock(&self.sessions).remove(&jid);
-        lock(&self.directed).remove(&jid);
+        let directed = lock(&self.directed).remove(&jid).unwrap_or_default();
+        for hook in self.registry.session_hooks() {
+            hook.ended(self, &jid, presence.as_ref(), &directed).await;
+        }
     }
 
     pub fn directed(&self, jid: &str) -> Vec<Jid> {
