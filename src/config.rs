@@ -312,3 +312,18 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/etc/halyard/d"));
     }
 }
+
+#[cfg(test)]
+mod shipped_file {
+    use super::*;
+
+    /// The annotated config.toml at the top of the repository documents every option with its
+    /// default: it must parse, validate, and equal the built-in defaults.
+    #[test]
+    fn shipped_config_toml_is_the_defaults() {
+        let text = include_str!("../config.toml");
+        let mut shipped = Config::parse(text).expect("config.toml parses");
+        shipped.validate().expect("config.toml validates");
+        assert_eq!(format!("{shipped:?}"), format!("{:?}", Config::default()));
+    }
+}

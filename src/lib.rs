@@ -143,3 +143,20 @@ pub async fn serve(
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod readme {
+    /// The README's supported-spec table lists every loaded module, so it cannot drift.
+    #[test]
+    fn readme_lists_every_module() {
+        let readme = include_str!("../README.md");
+        let mut reg = halyard_xep::Registry::new();
+        halyard_xep::register_all(&mut reg);
+        for m in reg.modules() {
+            assert!(
+                readme.contains(&format!("| {m} |")),
+                "README's table misses module {m}"
+            );
+        }
+    }
+}

@@ -296,7 +296,10 @@ impl<T: Transport> Session<T> {
                     match self.authenticate(&el, &domain).await {
                         Ok(Some(jid)) => {
                             tracing::Span::current().record("jid", tracing::field::display(&jid));
-                            tracing::info!("authenticated");
+                            tracing::info!(
+                                mechanism = el.attr("mechanism").unwrap_or(""),
+                                "authenticated"
+                            );
                             user = Some(jid);
                             self.t.restart();
                             break;

@@ -256,7 +256,11 @@ impl Transport for TcpTransport {
                 "TLS is not available",
             ))
         })?;
-        if self.pos < self.len {
+        let rest = &self.buf[self.pos.min(self.len)..self.len];
+        if rest
+            .iter()
+            .any(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        {
             // Bytes pipelined after <starttls/> were sent in the clear and cannot be trusted
             // (the STARTTLS command-injection attack): refuse rather than process them.
             return Err(TransportError::Stream(StreamError::new(
@@ -264,6 +268,8 @@ impl Transport for TcpTransport {
                 "data sent after <starttls/> before the TLS handshake",
             )));
         }
+        self.pos = 0;
+        self.len = 0;
         let Io::Plain(tcp) = std::mem::replace(&mut self.io, Io::Upgrading) else {
             return Err(TransportError::Io(io::ErrorKind::NotConnected.into()));
         };

@@ -41,6 +41,8 @@ pub struct XmlReader {
     default_ns_ok: bool,
     /// A header element has been read but not yet reported.
     header_pending: bool,
+    /// Any non-whitespace input has been seen since the last reset.
+    started: bool,
 }
 
 fn parser_for(limits: &Limits) -> RawParser {
@@ -64,6 +66,7 @@ impl XmlReader {
             opened: false,
             default_ns_ok: false,
             header_pending: false,
+            started: false,
         }
     }
 
@@ -89,6 +92,20 @@ impl XmlReader {
     /// Parses from `input`, consuming bytes until one event is complete. Returns `Ok(None)` when
     /// all of `input` was consumed without completing an event.
     pub fn next(&mut self, input: &mut &[u8]) -> Result<Option<StreamEvent>, StreamError> {
+        if !self.started {
+            // Whitespace the peer sent after its last element of the previous stream (e.g. a
+            // newline after `</auth>`) reaches a fresh reader after a restart; XML would refuse
+            // it before the declaration, so it is skipped here.
+            let ws = input
+                .iter()
+                .take_while(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+                .count();
+            *input = &input[ws..];
+            if input.is_empty() {
+                return Ok(None);
+            }
+            self.started = true;
+        }
         loop {
             if self.header_pending {
                 self.header_pending = false;
@@ -283,4 +300,130 @@ pub fn parse_element(bytes: &[u8], limits: Limits) -> Result<Element, StreamErro
         .root
         .take()
         .ok_or_else(|| not_well_formed("no element"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_stanza_bytes: 1000,
+        max_depth: 8,
+    };
+    const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='x' version='1.0'>";
+
+    fn events(r: &mut XmlReader, mut input: &[u8]) -> Result<Vec<StreamEvent>, StreamError> {
+        let mut out = Vec::new();
+        while let Some(ev) = r.next(&mut input)? {
+            out.push(ev);
+        }
+        assert!(input.is_empty());
+        Ok(out)
+    }
+
+    #[test]
+    fn header_stanzas_keepalives_and_close() {
+        let mut r = XmlReader::new(LIMITS);
+        let doc = format!(
+            "{HEADER}<message to='a@b'><body>hi</body></message> \n <presence/></stream:stream>"
+        );
+        let ev = events(&mut r, doc.as_bytes()).unwrap();
+        assert!(matches!(&ev[0], StreamEvent::Open(h) if h.attr("to") == Some("x")));
+        assert!(
+            matches!(&ev[1], StreamEvent::Element(e) if e.name() == "message" && e.has_ns(ns::CLIENT))
+        );
+        assert!(matches!(&ev[2], StreamEvent::Element(e) if e.name() == "presence"));
+        assert!(matches!(&ev[3], StreamEvent::Close));
+    }
+
+    #[test]
+    fn byte_at_a_time_gives_the_same_events() {
+        let mut r = XmlReader::new(LIMITS);
+        let doc = format!("{HEADER}<iq type='get' id='1'><ping xmlns='urn:xmpp:ping'/></iq>");
+        let mut got = Vec::new();
+        for b in doc.as_bytes() {
+            let mut one: &[u8] = std::slice::from_ref(b);
+            while let Some(ev) = r.next(&mut one).unwrap() {
+                got.push(ev);
+            }
+        }
+        assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn leading_whitespace_after_a_restart_is_skipped() {
+        let mut r = XmlReader::new(LIMITS);
+        let doc = format!("\n  {HEADER}");
+        assert!(matches!(
+            events(&mut r, doc.as_bytes()).unwrap()[0],
+            StreamEvent::Open(_)
+        ));
+    }
+
+    #[test]
+    fn oversized_stanza_is_refused_before_its_end() {
+        let mut r = XmlReader::new(LIMITS);
+        events(&mut r, HEADER.as_bytes()).unwrap();
+        let mut input = "<message><body>".to_string();
+        input.push_str(&"x".repeat(2000));
+        let err = events(&mut r, input.as_bytes()).unwrap_err();
+        assert_eq!(err.kind, StreamErrorKind::PolicyViolation);
+    }
+
+    #[test]
+    fn depth_limit() {
+        let mut r = XmlReader::new(LIMITS);
+        events(&mut r, HEADER.as_bytes()).unwrap();
+        let deep = "<a>".repeat(20);
+        let err = events(&mut r, format!("<message>{deep}").as_bytes()).unwrap_err();
+        assert_eq!(err.kind, StreamErrorKind::PolicyViolation);
+    }
+
+    #[test]
+    fn restricted_xml_is_refused() {
+        for bad in [
+            "<!DOCTYPE x [<!ENTITY a 'b'>]>",
+            "<?pi x?>",
+            "<!-- c -->",
+            "<message><body>&lol;</body></message>",
+        ] {
+            let mut r = XmlReader::new(LIMITS);
+            events(&mut r, HEADER.as_bytes()).unwrap();
+            let err = events(&mut r, bad.as_bytes()).unwrap_err();
+            assert!(
+                matches!(
+                    err.kind,
+                    StreamErrorKind::RestrictedXml | StreamErrorKind::NotWellFormed
+                ),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_namespaces_are_invalid_namespace() {
+        let mut r = XmlReader::new(LIMITS);
+        let doc =
+            "<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'>";
+        assert_eq!(
+            events(&mut r, doc.as_bytes()).unwrap_err().kind,
+            StreamErrorKind::InvalidNamespace
+        );
+        let mut r = XmlReader::new(LIMITS);
+        let doc = "<stream:stream xmlns='jabber:client' xmlns:stream='urn:wrong'>";
+        assert_eq!(
+            events(&mut r, doc.as_bytes()).unwrap_err().kind,
+            StreamErrorKind::InvalidNamespace
+        );
+    }
+
+    #[test]
+    fn text_between_stanzas_is_not_well_formed() {
+        let mut r = XmlReader::new(LIMITS);
+        events(&mut r, HEADER.as_bytes()).unwrap();
+        assert_eq!(
+            events(&mut r, b"hello<presence/>").unwrap_err().kind,
+            StreamErrorKind::NotWellFormed
+        );
+    }
 }
