@@ -96,7 +96,7 @@ pub struct Auth {
     pub allow_plain: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Http {
     /// Peers allowed to authenticate over the plain HTTP listener besides loopback, e.g. a
@@ -158,15 +158,6 @@ impl Default for Auth {
             failures_per_minute_per_ip: 10,
             max_delay_ms: 2000,
             allow_plain: true,
-        }
-    }
-}
-
-impl Default for Http {
-    fn default() -> Self {
-        Http {
-            trusted_proxies: Vec::new(),
-            websocket_origins: Vec::new(),
         }
     }
 }

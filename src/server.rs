@@ -187,6 +187,11 @@ impl AuthThrottle {
     }
 }
 
+/// Resolves when the node's shutdown signal is set (or its sender is gone).
+pub async fn until_shutdown(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,9 +211,4 @@ mod tests {
         let other: IpAddr = "10.0.0.2".parse().unwrap();
         assert_eq!(t.failure(other), Duration::ZERO);
     }
-}
-
-/// Resolves when the node's shutdown signal is set (or its sender is gone).
-pub async fn until_shutdown(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }

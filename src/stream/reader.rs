@@ -151,20 +151,19 @@ impl XmlReader {
         let depth = self.builder.depth();
         match &ev {
             RawEvent::XmlDeclaration(..) => return Ok(None),
-            RawEvent::ElementHeadOpen(m, _) => {
-                if depth >= 1 {
-                    if depth == 1 {
-                        self.stanza_bytes = m.len();
-                    }
-                    if depth > self.limits.max_depth {
-                        return Err(StreamError::new(
-                            StreamErrorKind::PolicyViolation,
-                            format!(
-                                "elements nested deeper than {} levels",
-                                self.limits.max_depth
-                            ),
-                        ));
-                    }
+            RawEvent::ElementHeadOpen(m, _) if depth >= 1 => {
+                if depth == 1 {
+                    self.stanza_bytes = m.len();
+                }
+                // Depth counts from the stanza (the stream element is depth 0).
+                if depth > self.limits.max_depth {
+                    return Err(StreamError::new(
+                        StreamErrorKind::PolicyViolation,
+                        format!(
+                            "elements nested deeper than {} levels",
+                            self.limits.max_depth
+                        ),
+                    ));
                 }
             }
             RawEvent::Attribute(_, (None, name), value)

@@ -99,9 +99,11 @@ impl TestServer {
         for f in ["localhost.crt", "localhost.key"] {
             std::fs::copy(test_cert().dir.path().join(f), certs.join(f)).expect("copy cert");
         }
-        let mut cfg = Config::default();
-        cfg.data_dir = dir.path().join("data");
-        cfg.certs_dir = certs;
+        let mut cfg = Config {
+            data_dir: dir.path().join("data"),
+            certs_dir: certs,
+            ..Config::default()
+        };
         let lo: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         cfg.listeners.c2s = vec![lo];
         cfg.listeners.c2s_tls = vec![lo];
