@@ -192,17 +192,13 @@ impl Sessions {
             Err(mpsc::error::TrySendError::Closed(_)) => Queued::NoSuchResource,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(jid = %full, "outbound queue full: disconnecting slow reader");
-                let tx2 = tx.clone();
-                // The close must not wait behind the full queue: a separate task parks on it,
-                // and the session's write timeout closes the connection if it never drains.
-                tokio::spawn(async move {
-                    let _ = tx2
-                        .send(Outbound::Close(StreamError::new(
-                            crate::stream::StreamErrorKind::PolicyViolation,
-                            "outbound queue limit reached: the client is not reading",
-                        )))
-                        .await;
-                });
+                close(
+                    &tx,
+                    StreamError::new(
+                        crate::stream::StreamErrorKind::PolicyViolation,
+                        "outbound queue limit reached: the client is not reading",
+                    ),
+                );
                 Queued::Overloaded
             }
         }
@@ -211,21 +207,31 @@ impl Sessions {
     /// Tells every session of `bare` (or every session at all) to close with `err`.
     pub fn close_all(&self, bare: Option<&BareJid>, err: &StreamError) -> usize {
         let mut n = 0;
-        let mut close = |list: &Vec<Entry>| {
+        let mut close_list = |list: &Vec<Entry>| {
             for e in list {
-                if e.tx.try_send(Outbound::Close(err.clone())).is_ok() {
-                    n += 1;
-                }
+                close(&e.tx, err.clone());
+                n += 1;
             }
         };
         match bare {
             Some(b) => {
                 if let Some(l) = self.map.get(b) {
-                    close(&l)
+                    close_list(&l)
                 }
             }
-            None => self.map.iter().for_each(|l| close(&l)),
+            None => self.map.iter().for_each(|l| close_list(&l)),
         }
         n
+    }
+}
+
+/// Tells a session to close. A full queue must not delay or lose the close: then a task waits
+/// for room, and the session's write timeout ends a connection that never drains.
+fn close(tx: &OutboundTx, err: StreamError) {
+    if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(Outbound::Close(err)) {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(msg).await;
+        });
     }
 }

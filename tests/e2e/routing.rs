@@ -663,3 +663,90 @@ async fn message_without_to_goes_to_own_bare_jid() {
     assert_nothing(&mut a3, "a resource without presence").await;
     assert_nothing(&mut a1, "alice/one (one copy, no error)").await;
 }
+
+#[tokio::test]
+async fn headline_and_groupchat_to_a_bare_jid() {
+    let s = server_with(&["alice", "bob"]).await;
+    let mut alice = bound(&s, "alice", "phone").await;
+    let mut high = online(&s, "bob", "high", Some(5)).await;
+    let mut low = online(&s, "bob", "low", Some(0)).await;
+    let mut neg = online(&s, "bob", "neg", Some(-5)).await;
+
+    // headline: every available resource with non-negative priority (RFC 6121 §8.5.2.1.1).
+    alice
+        .send("<message to='bob@localhost' type='headline' id='h1'><body>news</body></message>")
+        .await;
+    for (name, c) in [("high", &mut high), ("low", &mut low)] {
+        let got = recv_non_presence(c).await;
+        assert_eq!(got.attr("id"), Some("h1"), "bob/{name}: {}", xml(&got));
+    }
+    assert_nothing(&mut neg, "bob/neg (headline, negative priority)").await;
+
+    // groupchat to a bare JID: an error, delivered nowhere.
+    alice
+        .send("<message to='bob@localhost' type='groupchat' id='h2'><body>gc</body></message>")
+        .await;
+    let e = reply_to(&mut alice, "h2").await;
+    assert_error(&e, "message", "h2", "service-unavailable");
+    assert_nothing(&mut high, "bob/high (groupchat)").await;
+    assert_nothing(&mut low, "bob/low").await;
+}
+
+#[tokio::test]
+async fn addresses_are_normalised_before_routing() {
+    let s = server_with(&["alice", "bob"]).await;
+    let mut alice = bound(&s, "alice", "phone").await;
+    let mut bob = online(&s, "bob", "Desk", None).await;
+
+    // RFC 7622: localpart and domainpart compare case-insensitively; the resource does not.
+    alice
+        .send("<message to='BOB@LocalHost/Desk' type='chat' id='cs1'><body>caps</body></message>")
+        .await;
+    let got = recv_non_presence(&mut bob).await;
+    assert_eq!(got.attr("id"), Some("cs1"), "{}", xml(&got));
+    assert_eq!(got.attr("from"), Some("alice@localhost/phone"));
+
+    alice
+        .send("<message to='Bob@LOCALHOST' type='chat' id='cs2'><body>caps bare</body></message>")
+        .await;
+    let got = recv_non_presence(&mut bob).await;
+    assert_eq!(got.attr("id"), Some("cs2"), "{}", xml(&got));
+
+    alice
+        .send("<iq to='LOCALHOST' type='get' id='cs3'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
+    let r = reply_to(&mut alice, "cs3").await;
+    assert_eq!(r.attr("type"), Some("result"), "{}", xml(&r));
+    assert_nothing(&mut alice, "alice (no errors)").await;
+}
+
+#[tokio::test]
+async fn iq_without_id_and_unknown_iq_to_an_account() {
+    let s = server_with(&["alice", "bob"]).await;
+    let mut alice = bound(&s, "alice", "phone").await;
+
+    // RFC 6120 §8.1.3: an iq needs an id.
+    alice
+        .send("<iq type='get' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
+    let e = alice.recv().await;
+    assert_eq!(e.name(), "iq", "{}", xml(&e));
+    assert_eq!(e.attr("type"), Some("error"), "{}", xml(&e));
+    assert_eq!(
+        stanza_error(&e).as_deref(),
+        Some("bad-request"),
+        "{}",
+        xml(&e)
+    );
+
+    // An iq to another account's bare JID is handled by the server on the account's behalf
+    // (RFC 6121 §8.5.2): an unknown namespace gets service-unavailable.
+    alice
+        .send(
+            "<iq type='get' id='ua1' to='bob@localhost'><query xmlns='urn:example:unknown'/></iq>",
+        )
+        .await;
+    let e = reply_to(&mut alice, "ua1").await;
+    assert_error(&e, "iq", "ua1", "service-unavailable");
+    assert_eq!(e.attr("from"), Some("bob@localhost"), "{}", xml(&e));
+}

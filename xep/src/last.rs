@@ -13,7 +13,9 @@ use minidom::Element;
 
 use crate::host::{Host, LastActivity};
 use crate::ns;
-use crate::registry::{IqHandler, IqReply, IqScope, Registry, SessionHook};
+use crate::registry::{
+    Flow, IqHandler, IqReply, IqScope, Registry, SessionHook, StanzaHook, Target,
+};
 use crate::stanza::{n, Stanza, StanzaError};
 
 fn now_secs() -> u64 {
@@ -92,6 +94,32 @@ impl IqHandler for AccountLast {
     }
 }
 
+/// Records the status of an unavailable broadcast from a user's last available resource: XEP-0012
+/// reports the status of the last unavailable presence. Observes only; never handles.
+struct RecordUnavailable;
+
+#[async_trait]
+impl StanzaHook for RecordUnavailable {
+    async fn handle(&self, host: &dyn Host, st: &Stanza, _target: Target) -> Flow {
+        let Ok(full) = st.from.clone().try_into_full() else {
+            return Flow::Pass;
+        };
+        if st.to.is_some() || st.type_() != "unavailable" || others_online(host, &full) {
+            return Flow::Pass;
+        }
+        let status = st
+            .el
+            .get_child("status", ns::CLIENT)
+            .map(|s| s.text())
+            .unwrap_or_default();
+        record(host, &full.to_bare(), status).await;
+        Flow::Pass
+    }
+}
+
+/// Records the logout time when a user's last session ends. A session that ended while still
+/// available (a lost connection) left no status; one that sent unavailable first keeps the
+/// status recorded then.
 struct RecordLogout;
 
 #[async_trait]
@@ -103,22 +131,35 @@ impl SessionHook for RecordLogout {
         presence: Option<&Element>,
         _directed: &[jid::Jid],
     ) {
-        let user = full.to_bare();
-        // Only the last resource to go offline marks the account's last activity.
-        if host.resources(&user).iter().any(|r| &r.jid != full) {
+        if others_online(host, full) {
             return;
         }
-        let status = presence
-            .and_then(|p| p.get_child("status", ns::CLIENT))
-            .map(|s| s.text())
-            .unwrap_or_default();
-        let last = LastActivity {
-            logout: now_secs(),
-            status,
+        let user = full.to_bare();
+        let status = match presence {
+            Some(_) => String::new(),
+            None => match host.last_activity().get(&user).await {
+                Ok(Some(last)) => last.status,
+                _ => String::new(),
+            },
         };
-        if let Err(e) = host.last_activity().set(&user, &last).await {
-            tracing::warn!(error = %e, "last activity: store write failed");
-        }
+        record(host, &user, status).await;
+    }
+}
+
+/// Whether the user has a bound resource other than `full`.
+fn others_online(host: &dyn Host, full: &FullJid) -> bool {
+    host.resources(&full.to_bare())
+        .iter()
+        .any(|r| &r.jid != full)
+}
+
+async fn record(host: &dyn Host, user: &BareJid, status: String) {
+    let last = LastActivity {
+        logout: now_secs(),
+        status,
+    };
+    if let Err(e) = host.last_activity().set(user, &last).await {
+        tracing::warn!(error = %e, "last activity: store write failed");
     }
 }
 
@@ -127,6 +168,11 @@ pub fn register(reg: &mut Registry) {
     reg.iq(IqScope::Server, ns::LAST, Arc::new(ServerUptime));
     reg.iq(IqScope::Account, ns::LAST, Arc::new(AccountLast));
     reg.session_hook(Arc::new(RecordLogout));
+    // Above the presence module, so the status is seen before presence handles the stanza.
+    reg.presence_hook(
+        crate::presence::HOOK_PRIORITY + 10,
+        Arc::new(RecordUnavailable),
+    );
     reg.server_feature(ns::LAST);
     reg.account_feature(ns::LAST);
 }
