@@ -43,6 +43,13 @@ pub struct Sessions {
     count: AtomicU64,
 }
 
+/// A session displaced by a new binding of the same full JID.
+pub struct Replaced {
+    pub tx: OutboundTx,
+    pub presence: Option<Element>,
+    pub directed: Vec<Jid>,
+}
+
 /// The result of trying to queue a stanza for one resource.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Queued {
@@ -66,9 +73,9 @@ impl Sessions {
         self.len() == 0
     }
 
-    /// Binds `full` to a connection. Returns the sender of a session it replaced (same full
-    /// JID), which the caller closes with `conflict`.
-    pub fn bind(&self, full: &FullJid, conn_id: u64, tx: OutboundTx) -> Option<OutboundTx> {
+    /// Binds `full` to a connection. Returns the session it replaced (same full JID), which the
+    /// caller closes with `conflict` and ends like any other (its presence goes unavailable).
+    pub fn bind(&self, full: &FullJid, conn_id: u64, tx: OutboundTx) -> Option<Replaced> {
         let mut list = self.map.entry(full.to_bare()).or_default();
         let entry = Entry {
             resource: full.resource().to_string(),
@@ -84,7 +91,11 @@ impl Sessions {
             .find(|e| e.resource == full.resource().as_str())
         {
             let prev = std::mem::replace(old, entry);
-            return Some(prev.tx);
+            return Some(Replaced {
+                tx: prev.tx,
+                presence: prev.presence,
+                directed: prev.directed,
+            });
         }
         list.push(entry);
         self.count.fetch_add(1, Ordering::Relaxed);

@@ -593,10 +593,16 @@ impl<T: Transport> Session<T> {
         let c2s = &server.config.c2s;
         let (tx, mut rx) = mpsc::channel::<Outbound>(c2s.outbound_queue);
         if let Some(old) = server.sessions.bind(&full, self.conn_id, tx) {
-            let _ = old.try_send(Outbound::Close(StreamError::new(
+            let _ = old.tx.try_send(Outbound::Close(StreamError::new(
                 StreamErrorKind::Conflict,
                 "replaced by a new session with the same resource",
             )));
+            // The old session can no longer unbind itself (the entry is ours now): end it here,
+            // so its contacts learn it went away (RFC 6121 §4.5.2).
+            for hook in server.registry.session_hooks() {
+                hook.ended(server.as_ref(), &full, old.presence.as_ref(), &old.directed)
+                    .await;
+            }
         }
         tracing::info!(%full, "bound");
         for hook in server.registry.session_hooks() {
