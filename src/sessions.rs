@@ -21,8 +21,9 @@ use crate::stream::StreamError;
 pub enum Outbound {
     /// A serialised stanza, written as is.
     Data(Bytes),
-    /// Close the stream with this error.
-    Close(StreamError),
+    /// Close the stream with this error (boxed: it is rare, and every queue slot is sized for
+    /// the largest variant).
+    Close(Box<StreamError>),
 }
 
 pub type OutboundTx = mpsc::Sender<Outbound>;
@@ -239,7 +240,7 @@ impl Sessions {
 /// Tells a session to close. A full queue must not delay or lose the close: then a task waits
 /// for room, and the session's write timeout ends a connection that never drains.
 fn close(tx: &OutboundTx, err: StreamError) {
-    if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(Outbound::Close(err)) {
+    if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(Outbound::Close(Box::new(err))) {
         let tx = tx.clone();
         tokio::spawn(async move {
             let _ = tx.send(msg).await;

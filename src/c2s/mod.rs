@@ -30,21 +30,45 @@ pub use transport::{TcpTransport, Transport, TransportError};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-/// Runs one connection to completion.
-pub async fn run<T: Transport>(server: Arc<Server>, t: T) {
+/// Runs one connection: negotiation in this task; once bound, the session continues in a task of
+/// its own whose future holds only the bound loop's state, so that an idle session costs as
+/// little memory as possible (negotiation's state is freed with this task).
+pub async fn run<T: Transport + 'static>(server: Arc<Server>, t: T) {
     let conn_id = server.next_conn_id();
-    let span = tracing::info_span!("c2s", conn = conn_id, ip = %t.peer().ip(), transport = t.transport_name(), jid = tracing::field::Empty);
-    server.connections.fetch_add(1, Ordering::Relaxed);
-    Session {
-        server: server.clone(),
+    let span = tracing::info_span!(
+        "c2s",
+        conn = conn_id,
+        ip = %t.peer().ip(),
+        transport = t.transport_name(),
+        jid = tracing::field::Empty
+    );
+    let guard = ConnGuard::new(server.clone());
+    let session = Session {
+        server,
         t,
         conn_id,
         stream_id: String::new(),
+        _guard: guard,
+    };
+    if let Some((session, full)) = session.negotiate_phase().instrument(span.clone()).await {
+        tokio::spawn(session.bound(full).instrument(span));
     }
-    .run()
-    .instrument(span)
-    .await;
-    server.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Counts a live connection for shutdown, whichever task owns it.
+struct ConnGuard(Arc<Server>);
+
+impl ConnGuard {
+    fn new(server: Arc<Server>) -> Self {
+        server.connections.fetch_add(1, Ordering::Relaxed);
+        ConnGuard(server)
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct Session<T> {
@@ -52,6 +76,7 @@ struct Session<T> {
     t: T,
     conn_id: u64,
     stream_id: String,
+    _guard: ConnGuard,
 }
 
 /// How negotiation ended.
@@ -78,7 +103,8 @@ fn el_to_string(el: &Element) -> Vec<u8> {
 }
 
 impl<T: Transport> Session<T> {
-    async fn run(mut self) {
+    /// Negotiates; returns the session and its full JID once bound, or `None` after closing.
+    async fn negotiate_phase(mut self) -> Option<(Self, FullJid)> {
         let mut shutdown = self.server.shutdown.clone();
         let deadline = self.server.config.c2s.preauth_timeout();
         let outcome = tokio::select! {
@@ -94,8 +120,9 @@ impl<T: Transport> Session<T> {
                     tracing::debug!(error = %e, "closing stream during negotiation");
                 }
                 self.close(err.as_ref()).await;
+                None
             }
-            Negotiated::Bound(full) => self.bound(full).await,
+            Negotiated::Bound(full) => Some((self, full)),
         }
     }
 
@@ -587,16 +614,17 @@ impl<T: Transport> Session<T> {
         Ok(Some(full))
     }
 
-    /// The bound session: stanzas in, queued stanzas out, pings when quiet.
+    /// The bound session: stanzas in, queued stanzas out, pings when quiet. Large sub-futures
+    /// (routing a stanza, writing a batch) are boxed so they do not sit inline in an idle task.
     async fn bound(mut self, full: FullJid) {
         let server = self.server.clone();
         let c2s = &server.config.c2s;
         let (tx, mut rx) = mpsc::channel::<Outbound>(c2s.outbound_queue);
         if let Some(old) = server.sessions.bind(&full, self.conn_id, tx) {
-            let _ = old.tx.try_send(Outbound::Close(StreamError::new(
+            let _ = old.tx.try_send(Outbound::Close(Box::new(StreamError::new(
                 StreamErrorKind::Conflict,
                 "replaced by a new session with the same resource",
-            )));
+            ))));
             // The old session can no longer unbind itself (the entry is ours now): end it here,
             // so its contacts learn it went away (RFC 6121 §4.5.2).
             for hook in server.registry.session_hooks() {
@@ -623,7 +651,7 @@ impl<T: Transport> Session<T> {
                     ping_sent = None;
                     match ev {
                         Ok(Some(StreamEvent::Element(el))) => {
-                            if let Err(e) = self.handle_element(&full, el).await {
+                            if let Err(e) = Box::pin(self.handle_element(&full, el)).await {
                                 break Some(e);
                             }
                         }
@@ -639,11 +667,11 @@ impl<T: Transport> Session<T> {
                 out = rx.recv() => {
                     match out {
                         Some(Outbound::Data(bytes)) => {
-                            if let Err(e) = self.write_batch(bytes, &mut rx).await {
+                            if let Err(e) = Box::pin(self.write_batch(bytes, &mut rx)).await {
                                 break e;
                             }
                         }
-                        Some(Outbound::Close(e)) => break Some(e),
+                        Some(Outbound::Close(e)) => break Some(*e),
                         None => break None,
                     }
                 }
@@ -658,7 +686,7 @@ impl<T: Transport> Session<T> {
                         .attr(n("to"), full.to_string())
                         .append(Element::bare("ping", ns::PING))
                         .build();
-                    if self.send_el(&ping).await.is_err() {
+                    if Box::pin(self.send_el(&ping)).await.is_err() {
                         break None;
                     }
                     ping_sent = Some(Instant::now());
@@ -673,7 +701,7 @@ impl<T: Transport> Session<T> {
         } else {
             tracing::info!("session ended");
         }
-        self.close(close_err.as_ref()).await;
+        Box::pin(self.close(close_err.as_ref())).await;
         if let Some((presence, directed)) = removed {
             for hook in server.registry.session_hooks() {
                 hook.ended(server.as_ref(), &full, presence.as_ref(), &directed)
@@ -709,7 +737,7 @@ impl<T: Transport> Session<T> {
                     Ok(Outbound::Data(b)) => next = Some(b),
                     Ok(Outbound::Close(e)) => {
                         let _ = timeout(wt, self.t.flush()).await;
-                        return Err(Some(e));
+                        return Err(Some(*e));
                     }
                     Err(_) => {}
                 }

@@ -187,10 +187,30 @@ impl Transport for TcpTransport {
                     Err(e) => return Err(TransportError::Stream(e)),
                 }
             }
-            if self.buf.is_empty() {
-                self.buf = vec![0; READ_BUF];
-            }
-            let n = self.io.read(&mut self.buf).await?;
+            let n = match &mut self.io {
+                Io::Plain(tcp) => {
+                    // Wait for readiness before allocating the buffer, so an idle session holds
+                    // none. (rustls buffers records itself, so TLS reads directly.)
+                    if self.buf.is_empty() {
+                        tcp.readable().await?;
+                        self.buf = vec![0; READ_BUF];
+                    }
+                    match tcp.try_read(&mut self.buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.buf = Vec::new();
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                io => {
+                    if self.buf.is_empty() {
+                        self.buf = vec![0; READ_BUF];
+                    }
+                    io.read(&mut self.buf).await?
+                }
+            };
             if n == 0 {
                 return Ok(None);
             }
