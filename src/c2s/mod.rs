@@ -48,6 +48,7 @@ pub async fn run<T: Transport + 'static>(server: Arc<Server>, t: T) {
         t,
         conn_id,
         stream_id: String::new(),
+        header_sent: false,
         _guard: guard,
     };
     if let Some((session, full)) = session.negotiate_phase().instrument(span.clone()).await {
@@ -76,6 +77,9 @@ struct Session<T> {
     t: T,
     conn_id: u64,
     stream_id: String,
+    /// Our stream header for the current stream has been sent (a stream error needs one first,
+    /// RFC 6120 §4.9.1.1).
+    header_sent: bool,
     _guard: ConnGuard,
 }
 
@@ -105,6 +109,8 @@ fn el_to_string(el: &Element) -> Vec<u8> {
 impl<T: Transport> Session<T> {
     /// Negotiates; returns the session and its full JID once bound, or `None` after closing.
     async fn negotiate_phase(mut self) -> Option<(Self, FullJid)> {
+        self.t
+            .set_read_limit(Some(self.server.config.c2s.preauth_max_bytes as u64));
         let mut shutdown = self.server.shutdown.clone();
         let deadline = self.server.config.c2s.preauth_timeout();
         let outcome = tokio::select! {
@@ -127,7 +133,17 @@ impl<T: Transport> Session<T> {
     }
 
     async fn close(&mut self, err: Option<&StreamError>) {
-        let _ = timeout(Duration::from_secs(2), self.t.close(err)).await;
+        let _ = timeout(Duration::from_secs(2), async {
+            if !self.header_sent && err.is_some() {
+                if self.stream_id.is_empty() {
+                    self.stream_id = random_id(16);
+                }
+                let domain = self.server.domain().to_owned();
+                let _ = self.t.open(&self.stream_id, &domain, None).await;
+            }
+            self.t.close(err).await
+        })
+        .await;
     }
 
     async fn send_el(&mut self, el: &Element) -> std::io::Result<()> {
@@ -137,17 +153,10 @@ impl<T: Transport> Session<T> {
 
     /// Reads the next event, enforcing the pre-authentication byte budget.
     async fn next_preauth(&mut self) -> Result<Option<StreamEvent>, Negotiated> {
-        let ev = self.t.next_event().await.map_err(|e| match e {
+        self.t.next_event().await.map_err(|e| match e {
             TransportError::Stream(s) => Negotiated::Closed(Some(s)),
             TransportError::Io(_) => Negotiated::Closed(None),
-        })?;
-        if self.t.bytes_in() > self.server.config.c2s.preauth_max_bytes as u64 {
-            return Err(stream_err(
-                StreamErrorKind::PolicyViolation,
-                "too much data before authentication",
-            ));
-        }
-        Ok(ev)
+        })
     }
 
     /// Waits for a stream header and answers it with ours. Returns the domain the client asked
@@ -172,7 +181,9 @@ impl<T: Transport> Session<T> {
             Some(d) if self.server.config.domains.iter().any(|x| x == d) => d.to_owned(),
             None => primary.clone(),
             Some(_) => {
-                let _ = self.t.open(&self.stream_id, &primary, None).await;
+                if self.t.open(&self.stream_id, &primary, None).await.is_ok() {
+                    self.header_sent = true;
+                }
                 return Err(stream_err(
                     StreamErrorKind::HostUnknown,
                     "this server does not serve that domain",
@@ -191,6 +202,7 @@ impl<T: Transport> Session<T> {
         {
             return Err(Negotiated::Closed(None));
         }
+        self.header_sent = true;
         match header.attr("version") {
             Some(v)
                 if v.split('.')
@@ -311,7 +323,10 @@ impl<T: Transport> Session<T> {
                         return Negotiated::Closed(None);
                     }
                     match self.t.starttls().await {
-                        Ok(()) => break,
+                        Ok(()) => {
+                            self.header_sent = false;
+                            break;
+                        }
                         Err(TransportError::Stream(e)) => return Negotiated::Closed(Some(e)),
                         Err(TransportError::Io(e)) => {
                             tracing::debug!(error = %e, "TLS handshake failed");
@@ -329,6 +344,7 @@ impl<T: Transport> Session<T> {
                             );
                             user = Some(jid);
                             self.t.restart();
+                            self.header_sent = false;
                             break;
                         }
                         Ok(None) => {
@@ -617,6 +633,7 @@ impl<T: Transport> Session<T> {
     /// The bound session: stanzas in, queued stanzas out, pings when quiet. Large sub-futures
     /// (routing a stanza, writing a batch) are boxed so they do not sit inline in an idle task.
     async fn bound(mut self, full: FullJid) {
+        self.t.set_read_limit(None);
         let server = self.server.clone();
         let c2s = &server.config.c2s;
         let (tx, mut rx) = mpsc::channel::<Outbound>(c2s.outbound_queue);
@@ -645,7 +662,23 @@ impl<T: Transport> Session<T> {
                 None => last_read + c2s.idle_timeout(),
             };
             self.t.idle();
+            // Biased: shutdown first, then our queue, then input. Draining the queue before
+            // reading more keeps a client that pipelines requests (each adding replies to its
+            // own queue) from being taken for a slow reader; reading waits while we write.
             tokio::select! {
+                biased;
+                _ = crate::server::until_shutdown(&mut shutdown) => break Some(StreamError::bare(StreamErrorKind::SystemShutdown)),
+                out = rx.recv() => {
+                    match out {
+                        Some(Outbound::Data(bytes)) => {
+                            if let Err(e) = Box::pin(self.write_batch(bytes, &mut rx)).await {
+                                break e;
+                            }
+                        }
+                        Some(Outbound::Close(e)) => break Some(*e),
+                        None => break None,
+                    }
+                }
                 ev = self.t.next_event() => {
                     last_read = Instant::now();
                     ping_sent = None;
@@ -664,17 +697,6 @@ impl<T: Transport> Session<T> {
                         }
                     }
                 }
-                out = rx.recv() => {
-                    match out {
-                        Some(Outbound::Data(bytes)) => {
-                            if let Err(e) = Box::pin(self.write_batch(bytes, &mut rx)).await {
-                                break e;
-                            }
-                        }
-                        Some(Outbound::Close(e)) => break Some(*e),
-                        None => break None,
-                    }
-                }
                 _ = sleep_until(wake) => {
                     if ping_sent.is_some() {
                         break Some(StreamError::new(StreamErrorKind::ConnectionTimeout, "no answer to ping"));
@@ -691,7 +713,6 @@ impl<T: Transport> Session<T> {
                     }
                     ping_sent = Some(Instant::now());
                 }
-                _ = crate::server::until_shutdown(&mut shutdown) => break Some(StreamError::bare(StreamErrorKind::SystemShutdown)),
             }
         };
         // Unbind first so nothing more is queued for us, then say goodbye.

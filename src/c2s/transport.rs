@@ -44,8 +44,11 @@ pub trait Transport: Send {
     fn close(&mut self, err: Option<&StreamError>) -> impl Future<Output = ()> + Send;
     /// A stream restart (after STARTTLS or SASL): the next event is a new header.
     fn restart(&mut self);
-    /// Total bytes received so far (the pre-authentication budget).
+    /// Total bytes received so far.
     fn bytes_in(&self) -> u64;
+    /// Refuse input once `bytes_in` passes `limit` (the pre-authentication budget), checked as
+    /// bytes arrive, whether or not they complete an element.
+    fn set_read_limit(&mut self, limit: Option<u64>);
     fn peer(&self) -> SocketAddr;
     fn is_secure(&self) -> bool;
     /// Whether SASL may proceed on this connection as it is now.
@@ -56,6 +59,17 @@ pub trait Transport: Send {
     /// Called when the session has nothing to do: release what can be rebuilt.
     fn idle(&mut self);
     fn transport_name(&self) -> &'static str;
+}
+
+/// The error for input beyond the read limit.
+pub fn check_read_limit(bytes_in: u64, limit: Option<u64>) -> Result<(), TransportError> {
+    match limit {
+        Some(l) if bytes_in > l => Err(TransportError::Stream(StreamError::new(
+            StreamErrorKind::PolicyViolation,
+            "too much data before authentication",
+        ))),
+        _ => Ok(()),
+    }
 }
 
 enum Io {
@@ -121,6 +135,7 @@ pub struct TcpTransport {
     pos: usize,
     len: usize,
     bytes_in: u64,
+    read_limit: Option<u64>,
     peer: SocketAddr,
     tls: Option<Tls>,
     require_tls: bool,
@@ -143,6 +158,7 @@ impl TcpTransport {
             pos: 0,
             len: 0,
             bytes_in: 0,
+            read_limit: None,
             peer,
             tls,
             require_tls,
@@ -165,6 +181,7 @@ impl TcpTransport {
             pos: 0,
             len: 0,
             bytes_in: 0,
+            read_limit: None,
             peer,
             tls: None,
             require_tls: true,
@@ -190,19 +207,13 @@ impl Transport for TcpTransport {
             let n = match &mut self.io {
                 Io::Plain(tcp) => {
                     // Wait for readiness before allocating the buffer, so an idle session holds
-                    // none. (rustls buffers records itself, so TLS reads directly.)
+                    // none. (rustls buffers records itself, so TLS reads directly.) The read
+                    // itself still awaits, so a spurious wake-up costs a wait, never a spin.
                     if self.buf.is_empty() {
                         tcp.readable().await?;
                         self.buf = vec![0; READ_BUF];
                     }
-                    match tcp.try_read(&mut self.buf) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            self.buf = Vec::new();
-                            continue;
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
+                    tcp.read(&mut self.buf).await?
                 }
                 io => {
                     if self.buf.is_empty() {
@@ -215,6 +226,7 @@ impl Transport for TcpTransport {
                 return Ok(None);
             }
             self.bytes_in += n as u64;
+            check_read_limit(self.bytes_in, self.read_limit)?;
             self.pos = 0;
             self.len = n;
         }
@@ -251,6 +263,10 @@ impl Transport for TcpTransport {
 
     fn bytes_in(&self) -> u64 {
         self.bytes_in
+    }
+
+    fn set_read_limit(&mut self, limit: Option<u64>) {
+        self.read_limit = limit;
     }
 
     fn peer(&self) -> SocketAddr {

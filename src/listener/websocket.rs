@@ -91,6 +91,7 @@ async fn upgrade(
                 auth_allowed: trusted,
                 limits,
                 bytes_in: 0,
+                read_limit: None,
             };
             c2s::run(server, t).await
         })
@@ -110,6 +111,7 @@ pub struct WsTransport {
     auth_allowed: bool,
     limits: Limits,
     bytes_in: u64,
+    read_limit: Option<u64>,
 }
 
 impl Transport for WsTransport {
@@ -132,6 +134,7 @@ impl Transport for WsTransport {
                 Message::Ping(_) | Message::Pong(_) => continue,
             };
             self.bytes_in += text.len() as u64;
+            crate::c2s::transport::check_read_limit(self.bytes_in, self.read_limit)?;
             if text.as_str().trim().is_empty() {
                 // Whitespace keepalive.
                 continue;
@@ -187,6 +190,10 @@ impl Transport for WsTransport {
 
     fn bytes_in(&self) -> u64 {
         self.bytes_in
+    }
+
+    fn set_read_limit(&mut self, limit: Option<u64>) {
+        self.read_limit = limit;
     }
 
     fn peer(&self) -> SocketAddr {

@@ -413,9 +413,20 @@ impl RawClient {
         self.send("<presence/>").await;
     }
 
-    /// Reads with a short timeout; `None` if nothing arrives.
+    /// Reads with a short timeout; `None` if nothing arrives (or the stream ends).
     pub async fn recv_quiet(&mut self, wait: Duration) -> Option<Element> {
-        tokio::time::timeout(wait, self.recv()).await.ok()
+        tokio::time::timeout(wait, async {
+            loop {
+                match self.next_event().await {
+                    Some(StreamEvent::Element(el)) => return Some(el),
+                    Some(StreamEvent::Open(h)) => self.header = Some(h),
+                    Some(StreamEvent::Close) | None => return None,
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
     }
 }
 

@@ -366,7 +366,6 @@ async fn missing_version_is_unsupported_version() {
 }
 
 #[tokio::test]
-#[ignore = "bug: stream error for a bad client header is sent without the server's stream header (undeclared stream: prefix, RFC 6120 §4.9.1.1)"]
 async fn wrong_stream_namespace_is_invalid_namespace() {
     let s = TestServer::start().await;
     let out = raw_exchange(
@@ -379,7 +378,6 @@ async fn wrong_stream_namespace_is_invalid_namespace() {
 }
 
 #[tokio::test]
-#[ignore = "bug: stream error for a bad client header is sent without the server's stream header (undeclared stream: prefix, RFC 6120 §4.9.1.1)"]
 async fn wrong_default_namespace_is_invalid_namespace() {
     let s = TestServer::start().await;
     let out = raw_exchange(
