@@ -144,15 +144,9 @@ pub struct TcpTransport {
 }
 
 impl TcpTransport {
-    pub fn plain(
-        stream: TcpStream,
-        peer: SocketAddr,
-        tls: Option<Tls>,
-        require_tls: bool,
-        limits: Limits,
-    ) -> Self {
+    fn new(io: Io, peer: SocketAddr, tls: Option<Tls>, require_tls: bool, limits: Limits) -> Self {
         TcpTransport {
-            io: Io::Plain(stream),
+            io,
             reader: XmlReader::new(limits),
             buf: Vec::new(),
             pos: 0,
@@ -167,6 +161,18 @@ impl TcpTransport {
         }
     }
 
+    /// A c2s connection that may upgrade with STARTTLS (when `tls` is given).
+    pub fn plain(
+        stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<Tls>,
+        require_tls: bool,
+        limits: Limits,
+    ) -> Self {
+        Self::new(Io::Plain(stream), peer, tls, require_tls, limits)
+    }
+
+    /// A Direct TLS (XEP-0368) connection, handshake done.
     pub fn direct_tls(
         stream: TlsStream<TcpStream>,
         peer: SocketAddr,
@@ -174,20 +180,10 @@ impl TcpTransport {
         limits: Limits,
     ) -> Self {
         let bindings = tls.bindings(stream.get_ref().1);
-        TcpTransport {
-            io: Io::Tls(Box::new(stream)),
-            reader: XmlReader::new(limits),
-            buf: Vec::new(),
-            pos: 0,
-            len: 0,
-            bytes_in: 0,
-            read_limit: None,
-            peer,
-            tls: None,
-            require_tls: true,
-            bindings,
-            direct_tls: true,
-        }
+        let mut t = Self::new(Io::Tls(Box::new(stream)), peer, None, true, limits);
+        t.bindings = bindings;
+        t.direct_tls = true;
+        t
     }
 }
 

@@ -52,28 +52,18 @@ pub fn ws_close() -> String {
     format!("<close xmlns='{}'/>", ns::FRAMING)
 }
 
-/// `<stream:error>` with its condition and text, in the form for TCP framing.
+/// `<stream:error>` with its condition and text, in the form for TCP framing (the `stream`
+/// prefix is declared by the stream header).
 pub fn stream_error(err: &StreamError) -> String {
-    let text = err
-        .text
-        .as_deref()
-        .map(|t| {
-            format!(
-                "<text xmlns='{}' xml:lang='en'>{}</text>",
-                ns::STREAMS,
-                esc(t)
-            )
-        })
-        .unwrap_or_default();
-    format!(
-        "<stream:error><{} xmlns='{}'/>{text}</stream:error>",
-        err.kind.condition(),
-        ns::STREAMS
-    )
+    stream_error_with(err, "")
 }
 
 /// The same for WebSocket framing, where each message declares its namespaces.
 pub fn ws_stream_error(err: &StreamError) -> String {
+    stream_error_with(err, &format!(" xmlns:stream='{}'", ns::STREAM))
+}
+
+fn stream_error_with(err: &StreamError, decl: &str) -> String {
     let text = err
         .text
         .as_deref()
@@ -86,8 +76,7 @@ pub fn ws_stream_error(err: &StreamError) -> String {
         })
         .unwrap_or_default();
     format!(
-        "<stream:error xmlns:stream='{}'><{} xmlns='{}'/>{text}</stream:error>",
-        ns::STREAM,
+        "<stream:error{decl}><{} xmlns='{}'/>{text}</stream:error>",
         err.kind.condition(),
         ns::STREAMS
     )
