@@ -39,6 +39,27 @@ pub struct Config {
     pub c2s: C2s,
     pub auth: Auth,
     pub http: Http,
+    pub storage: Storage,
+    /// XEP-0313 message archive.
+    pub archive: halyard_xep::host::ArchiveSettings,
+    /// XEP-0160 offline messages.
+    pub offline: halyard_xep::host::OfflineSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// Milliseconds during which requests for a durable write are gathered into one flush
+    /// (group commit). A message stored offline is on disk when the session reads the next
+    /// stanza; the archive copy of a message delivered live rides the next flush, so a crash
+    /// can lose at most this window (plus the flush itself) of live messages' archive copies.
+    pub group_commit_ms: u64,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage { group_commit_ms: 2 }
+    }
 }
 
 /// Listen addresses per kind; an empty list turns that kind off.
@@ -117,6 +138,9 @@ impl Default for Config {
             c2s: C2s::default(),
             auth: Auth::default(),
             http: Http::default(),
+            storage: Storage::default(),
+            archive: Default::default(),
+            offline: Default::default(),
         }
     }
 }
@@ -206,6 +230,10 @@ impl Config {
         }
     }
 
+    pub fn group_commit(&self) -> Duration {
+        Duration::from_millis(self.storage.group_commit_ms)
+    }
+
     pub fn primary_domain(&self) -> &str {
         self.domains
             .first()
@@ -257,6 +285,12 @@ impl Config {
             || self.c2s.preauth_timeout_secs == 0
         {
             problems.push("c2s timeouts must be at least 1 second".into());
+        }
+        if self.archive.default_page == 0 || self.archive.max_page < self.archive.default_page {
+            problems.push("archive.default_page must be at least 1 and archive.max_page at least default_page".into());
+        }
+        if self.storage.group_commit_ms > 1000 {
+            problems.push("storage.group_commit_ms above 1000 would hold every offline message for over a second: use a few milliseconds".into());
         }
         if self.auth.max_failures_per_connection == 0 {
             problems.push("auth.max_failures_per_connection must be at least 1".into());

@@ -22,6 +22,7 @@ pub mod admin;
 pub mod c2s;
 pub mod config;
 pub mod listener;
+pub mod maintenance;
 pub mod router;
 pub mod sasl;
 pub mod server;
@@ -78,7 +79,7 @@ pub async fn serve(
     if !config.c2s.require_tls {
         tracing::warn!("c2s.require_tls is off: passwords may cross the network in the clear; use this for loopback benchmarks only");
     }
-    let stores = Stores::open_sled(&config.data_dir)?;
+    let stores = Stores::open_sled(&config.data_dir, config.group_commit())?;
     let tls = tls::load(&config.certs_dir, &config.domains)?;
     let server = Arc::new(Server::new(
         config.clone(),
@@ -112,6 +113,12 @@ pub async fn serve(
     }
     let admin = admin::socket::bind(&config.data_dir).await?;
     set.spawn(admin::socket::serve(admin, server.clone()));
+    if config.archive.expire_after > 0 {
+        set.spawn(maintenance::retention(
+            server.clone(),
+            config.archive.expire_after,
+        ));
+    }
 
     tracing::info!(
         "listening c2s={} c2s_tls={} http={} https={}",

@@ -43,6 +43,9 @@ enum Cmd {
     /// Manage accounts.
     #[command(subcommand)]
     User(UserCmd),
+    /// Inspect and prune message archives (XEP-0313).
+    #[command(subcommand)]
+    Archive(ArchiveCmd),
     /// Validate the configuration and say how to fix what is wrong.
     CheckConfig,
 }
@@ -61,6 +64,23 @@ struct ServeArgs {
     /// HTTPS listener address (repeatable; `none` turns it off).
     #[arg(long = "https", value_name = "ADDR")]
     https: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum ArchiveCmd {
+    /// Number of archived messages and their stored bytes for an account.
+    Size { jid: String },
+    /// Remove archived messages older than a duration, for one account or (--all) everyone.
+    Prune {
+        /// The account; omit with --all.
+        jid: Option<String>,
+        /// Prune every account's archive.
+        #[arg(long, conflicts_with = "jid")]
+        all: bool,
+        /// Age beyond which messages go, e.g. 30d, 12w, 720h.
+        #[arg(long, value_name = "DURATION")]
+        older_than: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -191,30 +211,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{source}: OK (domains: {})", cfg.domains.join(", "));
             Ok(())
         }
-        Cmd::User(u) => {
-            let (cfg, _) = load_config(&cli.global)?;
-            init_logging(cli.global.log.as_deref().unwrap_or("warn"));
-            let req = match u {
-                UserCmd::Add { jid, password } => Request::UserAdd {
-                    jid,
-                    password: password_or_stdin(password)?,
-                },
-                UserCmd::Passwd { jid, password } => Request::UserPasswd {
-                    jid,
-                    password: password_or_stdin(password)?,
-                },
-                UserCmd::Remove { jid } => Request::UserRemove { jid },
-                UserCmd::List => Request::UserList,
-            };
-            let resp = rt.block_on(admin_request(&cfg, req))?;
-            for l in &resp.lines {
-                println!("{l}");
-            }
-            match resp.error {
-                Some(e) => anyhow::bail!(e),
-                None => Ok(()),
-            }
+        Cmd::User(u) => admin(&rt, &cli.global, user_request(u)?),
+        Cmd::Archive(a) => admin(&rt, &cli.global, archive_request(a)?),
+    }
+}
+
+fn user_request(u: UserCmd) -> anyhow::Result<Request> {
+    Ok(match u {
+        UserCmd::Add { jid, password } => Request::UserAdd {
+            jid,
+            password: password_or_stdin(password)?,
+        },
+        UserCmd::Passwd { jid, password } => Request::UserPasswd {
+            jid,
+            password: password_or_stdin(password)?,
+        },
+        UserCmd::Remove { jid } => Request::UserRemove { jid },
+        UserCmd::List => Request::UserList,
+    })
+}
+
+fn archive_request(a: ArchiveCmd) -> anyhow::Result<Request> {
+    Ok(match a {
+        ArchiveCmd::Size { jid } => Request::ArchiveSize { jid },
+        ArchiveCmd::Prune {
+            jid,
+            all,
+            older_than,
+        } => {
+            anyhow::ensure!(
+                all || jid.is_some(),
+                "name an account, or pass --all to prune every archive"
+            );
+            Request::ArchivePrune { jid, older_than }
         }
+    })
+}
+
+/// Runs an admin command and prints its answer; errors go to stderr with a non-zero exit.
+fn admin(rt: &tokio::runtime::Runtime, global: &Global, req: Request) -> anyhow::Result<()> {
+    let (cfg, _) = load_config(global)?;
+    init_logging(global.log.as_deref().unwrap_or("warn"));
+    let resp = rt.block_on(admin_request(&cfg, req))?;
+    for l in &resp.lines {
+        println!("{l}");
+    }
+    match resp.error {
+        Some(e) => anyhow::bail!(e),
+        None => Ok(()),
     }
 }
 
@@ -223,7 +267,7 @@ async fn admin_request(cfg: &Config, req: Request) -> anyhow::Result<admin::Resp
     if let Some(r) = admin::socket::request(&cfg.data_dir, &req).await? {
         return Ok(r);
     }
-    let stores = halyard::store::Stores::open_sled(&cfg.data_dir)?;
+    let stores = halyard::store::Stores::open_sled(&cfg.data_dir, cfg.group_commit())?;
     let ctx = admin::Context {
         stores: &stores,
         server: None,

@@ -84,7 +84,7 @@ fn reply(server: &Server, st: &Stanza, el: &Element) {
     server.send_to(&st.from, el);
 }
 
-pub async fn dispatch(server: &Server, st: Stanza) {
+pub async fn dispatch(server: &Server, mut st: Stanza) {
     let sender_bare = st.from.to_bare();
     let (target, owner) = match &st.to {
         None => (Target::Bare, Some(sender_bare.clone())),
@@ -137,7 +137,7 @@ pub async fn dispatch(server: &Server, st: Stanza) {
         Kind::Iq => route_iq(server, st, target, owner).await,
         Kind::Message => {
             for hook in server.registry.message_hooks() {
-                if hook.handle(server, &st, target).await == Flow::Handled {
+                if hook.handle(server, &mut st, target).await == Flow::Handled {
                     return;
                 }
             }
@@ -145,7 +145,7 @@ pub async fn dispatch(server: &Server, st: Stanza) {
         }
         Kind::Presence => {
             for hook in server.registry.presence_hooks() {
-                if hook.handle(server, &st, target).await == Flow::Handled {
+                if hook.handle(server, &mut st, target).await == Flow::Handled {
                     return;
                 }
             }
@@ -247,7 +247,7 @@ fn default_message(server: &Server, st: Stanza, target: Target, owner: Option<Ba
                 bounce(server, &st, StanzaError::ServiceUnavailable(None));
             }
         }
-        (Target::Full, Some(owner)) => {
+        (Target::Full, Some(_)) => {
             // RFC 6121 §8.5.3: to the resource if it is connected; otherwise, by type, as if to
             // the bare JID, or an error, or nothing.
             if let Some(Ok(full)) = st.to.as_ref().map(|t| t.try_as_full()) {
@@ -256,33 +256,53 @@ fn default_message(server: &Server, st: Stanza, target: Target, owner: Option<Ba
                 }
             }
             match typ.as_str() {
-                "normal" | "chat" | "headline" => message_to_bare(server, &st, &owner, &typ),
+                "normal" | "chat" | "headline" => message_to_bare(server, &st, &typ),
                 "groupchat" => bounce(server, &st, StanzaError::ServiceUnavailable(None)),
                 _ => {}
             }
         }
-        (Target::Bare, Some(owner)) => message_to_bare(server, &st, &owner, &typ),
+        (Target::Bare, Some(_)) => message_to_bare(server, &st, &typ),
     }
 }
 
-/// RFC 6121 §8.5.2: a message to a bare JID.
-fn message_to_bare(server: &Server, st: &Stanza, owner: &BareJid, typ: &str) {
-    let eligible = eligible(server, owner);
+/// The resources a message goes to under RFC 6121 §8.5 right now: the addressed resource when
+/// it is bound; otherwise (bare JID, or a full JID whose resource is gone) the available
+/// resources with non-negative priority — the highest-priority ones, or all of them with
+/// `deliver_to_all_resources`, or all of them for a headline. Empty when none is available
+/// (then offline storage or an error applies). Modules (carbons, offline) ask the same question
+/// through `Host::delivery_targets`, so they agree with delivery.
+pub fn message_targets(server: &Server, st: &Stanza) -> Vec<FullJid> {
+    let owner = match &st.to {
+        Some(to) => {
+            if let Ok(full) = to.try_as_full() {
+                if server.sessions.is_bound(full) {
+                    return vec![full.clone()];
+                }
+            }
+            to.to_bare()
+        }
+        None => st.from.to_bare(),
+    };
+    let eligible = eligible(server, &owner);
+    if server.config.c2s.deliver_to_all_resources || st.type_() == "headline" {
+        return eligible.into_iter().map(|(j, _)| j).collect();
+    }
+    let top = eligible.iter().map(|(_, p)| *p).max();
+    eligible
+        .into_iter()
+        .filter(|(_, p)| Some(*p) == top)
+        .map(|(j, _)| j)
+        .collect()
+}
+
+/// RFC 6121 §8.5.2: a message to a bare JID (or a full JID whose resource is gone).
+fn message_to_bare(server: &Server, st: &Stanza, typ: &str) {
     match typ {
         "normal" | "chat" => {
-            let targets: Vec<FullJid> = if server.config.c2s.deliver_to_all_resources {
-                eligible.into_iter().map(|(j, _)| j).collect()
-            } else {
-                let top = eligible.iter().map(|(_, p)| *p).max();
-                eligible
-                    .into_iter()
-                    .filter(|(_, p)| Some(*p) == top)
-                    .map(|(j, _)| j)
-                    .collect()
-            };
+            let targets = message_targets(server, st);
             if targets.is_empty() || deliver_all(server, &targets, &st.el) == 0 {
-                // Offline storage arrives with the history issue; until then the sender learns
-                // the message was not delivered rather than losing it silently.
+                // Reached only when no module stored the message (offline storage declined,
+                // e.g. a no-store hint): the sender learns it was not delivered.
                 bounce(
                     server,
                     st,
@@ -291,8 +311,7 @@ fn message_to_bare(server: &Server, st: &Stanza, owner: &BareJid, typ: &str) {
             }
         }
         "headline" => {
-            let targets: Vec<FullJid> = eligible.into_iter().map(|(j, _)| j).collect();
-            deliver_all(server, &targets, &st.el);
+            deliver_all(server, &message_targets(server, st), &st.el);
         }
         "groupchat" => bounce(server, st, StanzaError::ServiceUnavailable(None)),
         _ => {}

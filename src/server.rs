@@ -7,8 +7,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use halyard_xep::host::{Host, LastActivityStore, ResourceInfo, RosterStore, StoreResult};
+use halyard_xep::host::{
+    ArchiveStore, Host, LastActivityStore, ModuleSettings, OfflineStore, ResourceInfo, RosterStore,
+    StoreResult,
+};
 use halyard_xep::Registry;
+use halyard_xep::Stanza;
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
 use tokio::sync::watch;
@@ -35,6 +39,7 @@ pub struct Server {
     /// Live connections (negotiating or bound), for shutdown.
     pub connections: AtomicU64,
     pub shutdown: watch::Receiver<bool>,
+    settings: ModuleSettings,
 }
 
 impl Server {
@@ -53,6 +58,10 @@ impl Server {
             config.auth.failures_per_minute_per_ip,
             config.auth.max_delay_ms,
         );
+        let settings = ModuleSettings {
+            archive: config.archive.clone(),
+            offline: config.offline.clone(),
+        };
         Server {
             config,
             registry,
@@ -66,6 +75,7 @@ impl Server {
             conn_ids: AtomicU64::new(1),
             connections: AtomicU64::new(0),
             shutdown,
+            settings,
         }
     }
 
@@ -142,6 +152,30 @@ impl Host for Server {
 
     fn last_activity(&self) -> &dyn LastActivityStore {
         self.stores.last.as_ref()
+    }
+
+    fn set_carbons(&self, full: &FullJid, on: bool) {
+        self.sessions.set_carbons(full, on)
+    }
+
+    fn delivery_targets(&self, st: &Stanza) -> Vec<FullJid> {
+        crate::router::message_targets(self, st)
+    }
+
+    fn archive(&self) -> &dyn ArchiveStore {
+        self.stores.archive.as_ref()
+    }
+
+    fn offline(&self) -> &dyn OfflineStore {
+        self.stores.offline.as_ref()
+    }
+
+    async fn durable(&self) -> StoreResult<()> {
+        self.stores.durable.wait().await
+    }
+
+    fn settings(&self) -> &ModuleSettings {
+        &self.settings
     }
 }
 

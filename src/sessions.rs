@@ -35,6 +35,7 @@ struct Entry {
     priority: i8,
     presence: Option<Element>,
     roster_interested: bool,
+    carbons: bool,
     directed: Vec<Jid>,
 }
 
@@ -85,6 +86,7 @@ impl Sessions {
             priority: 0,
             presence: None,
             roster_interested: false,
+            carbons: false,
             directed: Vec::new(),
         };
         if let Some(old) = list
@@ -154,6 +156,7 @@ impl Sessions {
                     priority: e.priority,
                     presence: e.presence.clone(),
                     roster_interested: e.roster_interested,
+                    carbons: e.carbons,
                 })
             })
             .collect()
@@ -172,6 +175,10 @@ impl Sessions {
             }
             None => e.presence = None,
         });
+    }
+
+    pub fn set_carbons(&self, full: &FullJid, on: bool) {
+        self.with(full, |e| e.carbons = on);
     }
 
     pub fn set_roster_interested(&self, full: &FullJid) {

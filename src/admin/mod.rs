@@ -5,6 +5,7 @@
 //! running server, its live sessions). The CLI sends it over the socket when a server is running
 //! and runs it in-process on the opened store otherwise, so both paths share one implementation.
 
+pub mod archive;
 pub mod socket;
 pub mod user;
 
@@ -17,10 +18,25 @@ use crate::store::Stores;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
-    UserAdd { jid: String, password: String },
-    UserPasswd { jid: String, password: String },
-    UserRemove { jid: String },
+    UserAdd {
+        jid: String,
+        password: String,
+    },
+    UserPasswd {
+        jid: String,
+        password: String,
+    },
+    UserRemove {
+        jid: String,
+    },
     UserList,
+    ArchiveSize {
+        jid: String,
+    },
+    ArchivePrune {
+        jid: Option<String>,
+        older_than: String,
+    },
 }
 
 /// The answer: lines for stdout, or an error for stderr.
@@ -58,6 +74,10 @@ pub async fn execute(ctx: &Context<'_>, req: Request) -> Response {
         Request::UserPasswd { jid, password } => user::passwd(ctx, &jid, &password).await,
         Request::UserRemove { jid } => user::remove(ctx, &jid).await,
         Request::UserList => user::list(ctx).await,
+        Request::ArchiveSize { jid } => archive::size(ctx, &jid).await,
+        Request::ArchivePrune { jid, older_than } => {
+            archive::prune(ctx, jid.as_deref(), &older_than).await
+        }
     };
     match r {
         Ok(lines) => Response::ok(lines),

@@ -8,7 +8,7 @@ use crate::sasl;
 use crate::stream::{StreamError, StreamErrorKind};
 
 /// Parses and normalises an account JID (RFC 7622), checking it is on a served domain.
-fn account_jid(ctx: &Context<'_>, raw: &str) -> anyhow::Result<BareJid> {
+pub(super) fn account_jid(ctx: &Context<'_>, raw: &str) -> anyhow::Result<BareJid> {
     let jid = BareJid::new(raw)
         .with_context(|| format!("{raw:?} is not a valid JID: use the form user@domain"))?;
     if jid.node().is_none() {

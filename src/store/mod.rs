@@ -4,6 +4,9 @@
 //! modules; the account store is the core's. [`Stores`] bundles the implementations a node runs
 //! with, so a shared backend (PostgreSQL) can later replace sled without touching a module.
 
+pub mod archive;
+pub mod group_commit;
+pub mod offline;
 pub mod sled;
 pub mod trees;
 
@@ -11,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use halyard_xep::host::{LastActivityStore, RosterStore, StoreResult};
+use halyard_xep::host::{ArchiveStore, LastActivityStore, OfflineStore, RosterStore, StoreResult};
 use jid::BareJid;
 use serde::{Deserialize, Serialize};
 
@@ -59,19 +62,31 @@ pub struct Stores {
     pub accounts: Arc<dyn AccountStore>,
     pub roster: Arc<dyn RosterStore>,
     pub last: Arc<dyn LastActivityStore>,
+    pub archive: Arc<dyn ArchiveStore>,
+    pub offline: Arc<dyn OfflineStore>,
+    /// Group commit: waits until every earlier write is on disk.
+    pub durable: Arc<group_commit::GroupCommit>,
     /// Makes every acknowledged write durable (called at shutdown).
     pub flush: Arc<dyn Fn() -> StoreResult<()> + Send + Sync>,
 }
 
 impl Stores {
-    /// Opens the embedded sled store under `data_dir`.
-    pub fn open_sled(data_dir: &std::path::Path) -> anyhow::Result<Stores> {
+    /// Opens the embedded sled store under `data_dir`; `group_commit` is the window in which
+    /// flush requests are gathered into one flush. Needs a tokio runtime.
+    pub fn open_sled(
+        data_dir: &std::path::Path,
+        group_commit: std::time::Duration,
+    ) -> anyhow::Result<Stores> {
         let s = Arc::new(sled::SledStore::open(data_dir)?);
         let f = s.clone();
+        let db = s.db.clone();
         Ok(Stores {
             accounts: s.clone(),
             roster: s.clone(),
+            archive: s.archive.clone(),
+            offline: s.offline.clone(),
             last: s,
+            durable: Arc::new(group_commit::GroupCommit::start(db, group_commit)),
             flush: Arc::new(move || f.flush()),
         })
     }

@@ -15,7 +15,9 @@ use super::trees;
 use super::{Account, AccountError, AccountStore};
 
 pub struct SledStore {
-    db: sled::Db,
+    pub db: sled::Db,
+    pub archive: std::sync::Arc<super::archive::SledArchive>,
+    pub offline: std::sync::Arc<super::offline::SledOffline>,
     accounts: sled::Tree,
     roster: sled::Tree,
     roster_version: sled::Tree,
@@ -56,6 +58,8 @@ impl SledStore {
                 .map_err(|e| anyhow::anyhow!("cannot open tree {name}: {e}"))
         };
         Ok(SledStore {
+            archive: std::sync::Arc::new(super::archive::SledArchive::open(&db)?),
+            offline: std::sync::Arc::new(super::offline::SledOffline::open(&db)?),
             accounts: open(trees::ACCOUNTS)?,
             roster: open(trees::ROSTER)?,
             roster_version: open(trees::ROSTER_VERSION)?,
@@ -181,6 +185,8 @@ impl AccountStore for SledStore {
         self.last
             .remove(user.as_str())
             .map_err(err("removing last activity"))?;
+        self.offline.remove_owner(user)?;
+        self.archive.remove_owner(user)?;
         self.flush_async("account removal").await?;
         Ok(())
     }

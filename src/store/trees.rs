@@ -11,7 +11,18 @@ pub const ROSTER_VERSION: &str = "roster_version";
 pub const LAST_ACTIVITY: &str = "last_activity";
 
 /// Every tree an account owns rows in, keyed or prefixed by its bare JID (used by removal).
-pub const OWNED_BY_ACCOUNT: &[&str] = &[ROSTER, ROSTER_VERSION, LAST_ACTIVITY];
+pub const OWNED_BY_ACCOUNT: &[&str] = &[
+    ROSTER,
+    ROSTER_VERSION,
+    LAST_ACTIVITY,
+    OFFLINE,
+    OFFLINE_META,
+    ARCHIVE,
+    ARCHIVE_WITH,
+    ARCHIVE_IDS,
+    ARCHIVE_COUNTS,
+    ARCHIVE_PREFS,
+];
 
 /// `owner \0` — the prefix of an owner's rows in a prefixed tree.
 pub fn owner_prefix(owner: &str) -> Vec<u8> {
@@ -27,3 +38,20 @@ pub fn owner_key(owner: &str, item: &str) -> Vec<u8> {
     k.extend_from_slice(item.as_bytes());
     k
 }
+
+/// `owner \0 seq_be` → `ts_micros_be ‖ stanza XML` (XEP-0160 offline queue, oldest first).
+pub const OFFLINE: &str = "offline";
+/// Owner bare JID → `next_seq_be ‖ count_be`.
+pub const OFFLINE_META: &str = "offline_meta";
+
+/// `owner \0 ts_be seq_be` → `id_len ‖ id ‖ with_len_be16 ‖ with ‖ stanza XML` (XEP-0313).
+pub const ARCHIVE: &str = "archive";
+/// `owner \0 with \0 ts_be seq_be` → empty: the per-contact index of `archive`.
+pub const ARCHIVE_WITH: &str = "archive_with";
+/// `owner \0 stable_id` → `ts_be seq_be`.
+pub const ARCHIVE_IDS: &str = "archive_ids";
+/// `owner \0` → `count_be ‖ bytes_be` of the whole archive; `owner \0 with` → the same per
+/// contact. Kept so that counts never scan.
+pub const ARCHIVE_COUNTS: &str = "archive_counts";
+/// Owner bare JID → JSON `ArchivePrefs`.
+pub const ARCHIVE_PREFS: &str = "archive_prefs";

@@ -12,6 +12,7 @@ use minidom::Element;
 use serde::{Deserialize, Serialize};
 
 use crate::registry::Registry;
+use crate::stanza::Stanza;
 
 /// A bound resource of an account, as the presence and routing rules need it.
 #[derive(Debug, Clone)]
@@ -24,6 +25,8 @@ pub struct ResourceInfo {
     pub presence: Option<Element>,
     /// It requested the roster, so it gets roster pushes (RFC 6121 §2.1.6).
     pub roster_interested: bool,
+    /// It enabled message carbons (XEP-0280).
+    pub carbons: bool,
 }
 
 impl ResourceInfo {
@@ -72,9 +75,219 @@ pub trait Host: Send + Sync {
     /// The entities `full` sent directed presence to and has not sent unavailable since.
     fn directed_presence(&self, full: &FullJid) -> Vec<Jid>;
 
+    /// Enables or disables carbons for a resource (XEP-0280).
+    fn set_carbons(&self, full: &FullJid, on: bool);
+    /// The resources the router's default rules (RFC 6121 §8.5) would deliver this message to
+    /// right now; empty when none is available (then offline storage applies).
+    fn delivery_targets(&self, st: &Stanza) -> Vec<FullJid>;
+
     async fn account_exists(&self, user: &BareJid) -> StoreResult<bool>;
     fn roster(&self) -> &dyn RosterStore;
     fn last_activity(&self) -> &dyn LastActivityStore;
+    fn archive(&self) -> &dyn ArchiveStore;
+    fn offline(&self) -> &dyn OfflineStore;
+    /// Waits until every write made before the call is on disk (group commit: one flush serves
+    /// every caller waiting in the same window). Call it before telling anyone a stored message
+    /// is safe; live delivery never waits on it.
+    async fn durable(&self) -> StoreResult<()>;
+    /// Modules' settings from the configuration file.
+    fn settings(&self) -> &ModuleSettings;
+}
+
+/// Settings modules read (the `[archive]` and `[offline]` sections of config.toml).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveSettings {
+    /// Archive one-to-one messages (XEP-0313). The user's preferences still apply.
+    pub enabled: bool,
+    /// Page size when a query gives no RSM `max`.
+    pub default_page: usize,
+    /// Largest page a query may ask for; larger requests are clamped.
+    pub max_page: usize,
+    /// Archive entries older than this many seconds are pruned in the background; 0 keeps
+    /// them forever. Written in config.toml as `expire_after = "365d"`.
+    #[serde(deserialize_with = "duration_secs")]
+    pub expire_after: u64,
+}
+
+impl Default for ArchiveSettings {
+    fn default() -> Self {
+        ArchiveSettings {
+            enabled: true,
+            default_page: 50,
+            max_page: 250,
+            expire_after: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OfflineSettings {
+    /// Messages stored per user while offline (XEP-0160); beyond it the sender gets
+    /// `service-unavailable` (the archive still keeps the message).
+    pub quota: usize,
+}
+
+impl Default for OfflineSettings {
+    fn default() -> Self {
+        OfflineSettings { quota: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModuleSettings {
+    pub archive: ArchiveSettings,
+    pub offline: OfflineSettings,
+}
+
+/// Parses `"365d"`, `"12h"`, `"30m"`, `"45s"`, a bare number of seconds, or `"off"`/`0`.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if s.is_empty() || s == "off" || s == "0" {
+        return Ok(0);
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a duration: use e.g. \"365d\", \"12h\", \"30m\" or \"off\"")
+    })?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}: use s, m, h, d or w")),
+    };
+    Ok(n.saturating_mul(mult))
+}
+
+fn duration_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::N(n) => Ok(n),
+        Raw::S(s) => parse_duration_secs(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// One archived message (XEP-0313).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchivedMessage {
+    /// The server-assigned stable id, as given in `<stanza-id/>` and used in queries.
+    pub id: String,
+    /// When it was archived, microseconds since the Unix epoch.
+    pub ts_micros: u64,
+    /// The bare JID of the other party.
+    pub with: String,
+    /// The message as archived (XML).
+    pub stanza: String,
+}
+
+/// Where a message sits in an owner's archive: time order, ties broken by arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ArchiveKey {
+    pub ts_micros: u64,
+    pub seq: u64,
+}
+
+/// Exclusive bounds on archive keys for a scan (`None` = open).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyRange {
+    pub after: Option<ArchiveKey>,
+    pub before: Option<ArchiveKey>,
+}
+
+/// XEP-0313 §6 preferences.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivePrefs {
+    /// `always`, `roster` or `never`.
+    pub default: String,
+    pub always: Vec<String>,
+    pub never: Vec<String>,
+}
+
+impl Default for ArchivePrefs {
+    fn default() -> Self {
+        ArchivePrefs {
+            default: "always".into(),
+            always: Vec::new(),
+            never: Vec::new(),
+        }
+    }
+}
+
+/// An owner's archive as an ordered index; the XEP-0313 query semantics (filters, RSM paging,
+/// counts) are built on it once, in the `mam` module, for every backend.
+///
+/// Cost contract: `append`, `locate`, `get` and `count` are O(log n); `scan` is
+/// O(log n + returned), also with a `with` filter (backends keep a per-contact index).
+#[async_trait]
+pub trait ArchiveStore: Send + Sync {
+    /// Appends a message to `owner`'s archive and returns its new stable id (unique and
+    /// unguessable). Not flushed: call [`Host::durable`] when the caller must know it is on disk.
+    async fn append(
+        &self,
+        owner: &BareJid,
+        with: &Jid,
+        ts_micros: u64,
+        stanza: &str,
+    ) -> StoreResult<String>;
+    /// Up to `limit` messages strictly inside `range`, in key order from the oldest, or from the
+    /// newest when `reverse` (then returned newest first). With `with`, only messages exchanged
+    /// with that bare JID.
+    async fn scan(
+        &self,
+        owner: &BareJid,
+        with: Option<&BareJid>,
+        range: KeyRange,
+        reverse: bool,
+        limit: usize,
+    ) -> StoreResult<Vec<(ArchiveKey, ArchivedMessage)>>;
+    /// The key of the message with this stable id, if it is in `owner`'s archive.
+    async fn locate(&self, owner: &BareJid, id: &str) -> StoreResult<Option<ArchiveKey>>;
+    async fn get(&self, owner: &BareJid, key: ArchiveKey) -> StoreResult<Option<ArchivedMessage>>;
+    /// Number of messages in `owner`'s archive, or exchanged with `with` (kept as counters).
+    async fn count(&self, owner: &BareJid, with: Option<&BareJid>) -> StoreResult<u64>;
+    async fn prefs(&self, owner: &BareJid) -> StoreResult<ArchivePrefs>;
+    async fn set_prefs(&self, owner: &BareJid, prefs: &ArchivePrefs) -> StoreResult<()>;
+    /// Number of messages and stored bytes of `owner`'s archive.
+    async fn size(&self, owner: &BareJid) -> StoreResult<(u64, u64)>;
+    /// Removes `owner`'s messages (or everyone's, for `None`) older than `before_micros`;
+    /// returns how many were removed.
+    async fn prune(&self, owner: Option<&BareJid>, before_micros: u64) -> StoreResult<u64>;
+}
+
+/// One message waiting in offline storage (XEP-0160).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfflineMessage {
+    /// Position in the owner's queue (oldest first).
+    pub seq: u64,
+    /// When it was stored, microseconds since the Unix epoch (for `<delay/>`).
+    pub ts_micros: u64,
+    pub stanza: String,
+}
+
+#[async_trait]
+pub trait OfflineStore: Send + Sync {
+    /// Stores a message unless the owner already has `quota` waiting; returns whether it was
+    /// stored. Not flushed: call [`Host::durable`] before relying on it.
+    async fn push(
+        &self,
+        owner: &BareJid,
+        ts_micros: u64,
+        stanza: &str,
+        quota: usize,
+    ) -> StoreResult<bool>;
+    /// The owner's waiting messages, oldest first.
+    async fn list(&self, owner: &BareJid) -> StoreResult<Vec<OfflineMessage>>;
+    /// Removes the given messages once they have been handed to a session.
+    async fn remove(&self, owner: &BareJid, seqs: &[u64]) -> StoreResult<()>;
+    async fn count(&self, owner: &BareJid) -> StoreResult<usize>;
 }
 
 /// RFC 6121 §3.1 subscription states as seen from the roster owner.

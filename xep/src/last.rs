@@ -100,7 +100,7 @@ struct RecordUnavailable;
 
 #[async_trait]
 impl StanzaHook for RecordUnavailable {
-    async fn handle(&self, host: &dyn Host, st: &Stanza, _target: Target) -> Flow {
+    async fn handle(&self, host: &dyn Host, st: &mut Stanza, _target: Target) -> Flow {
         let Ok(full) = st.from.clone().try_into_full() else {
             return Flow::Pass;
         };

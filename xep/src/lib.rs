@@ -12,7 +12,8 @@
 //! - [`host`]: the core's services as modules see them, and the store traits modules persist
 //!   through;
 //! - protocol modules: [`roster`], [`presence`] (RFC 6121), [`disco`] (XEP-0030), [`caps`]
-//!   (XEP-0115), [`ping`] (XEP-0199), [`version`] (XEP-0092), [`last`] (XEP-0012).
+//!   (XEP-0115), [`ping`] (XEP-0199), [`version`] (XEP-0092), [`last`] (XEP-0012), [`offline`]
+//!   (XEP-0160), [`carbons`] (XEP-0280).
 
 pub mod host;
 pub mod ns;
@@ -22,8 +23,10 @@ pub mod stanza;
 pub mod testing;
 
 pub mod caps;
+pub mod carbons;
 pub mod disco;
 pub mod last;
+pub mod offline;
 pub mod ping;
 pub mod presence;
 pub mod roster;
@@ -38,6 +41,8 @@ pub use stanza::{Kind, Stanza, StanzaError};
 pub fn register_all(reg: &mut Registry) {
     roster::register(reg);
     presence::register(reg);
+    offline::register(reg);
+    carbons::register(reg);
     disco::register(reg);
     caps::register(reg);
     ping::register(reg);

@@ -607,7 +607,7 @@ struct PresenceHook;
 
 #[async_trait]
 impl StanzaHook for PresenceHook {
-    async fn handle(&self, host: &dyn Host, st: &Stanza, target: Target) -> Flow {
+    async fn handle(&self, host: &dyn Host, st: &mut Stanza, target: Target) -> Flow {
         // Presence to the server itself is left to other hooks and the router's default.
         let (Ok(full), false) = (st.from.try_as_full(), target == Target::Host) else {
             return Flow::Pass;

@@ -57,7 +57,9 @@ pub trait IqHandler: Send + Sync {
 
 #[async_trait]
 pub trait StanzaHook: Send + Sync {
-    async fn handle(&self, host: &dyn Host, stanza: &Stanza, target: Target) -> Flow;
+    /// A hook may rewrite the stanza (e.g. add a stanza-id) for the hooks after it and for
+    /// delivery.
+    async fn handle(&self, host: &dyn Host, stanza: &mut Stanza, target: Target) -> Flow;
 }
 
 #[async_trait]

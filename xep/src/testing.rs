@@ -15,7 +15,9 @@ use minidom::rxml::Namespace;
 use minidom::Element;
 
 use crate::host::{
-    Host, LastActivity, LastActivityStore, ResourceInfo, RosterItem, RosterStore, StoreResult,
+    ArchiveKey, ArchivePrefs, ArchiveStore, ArchivedMessage, Host, KeyRange, LastActivity,
+    LastActivityStore, ModuleSettings, OfflineMessage, OfflineStore, ResourceInfo, RosterItem,
+    RosterStore, StoreResult,
 };
 use crate::ns;
 use crate::registry::{Flow, IqReply, IqScope, Registry, Target};
@@ -70,6 +72,7 @@ pub struct Session {
     pub priority: i8,
     pub presence: Option<Element>,
     pub interested: bool,
+    pub carbons: bool,
 }
 
 /// A user's roster version and items by contact.
@@ -112,6 +115,49 @@ impl RosterStore for MemRoster {
     }
 }
 
+/// Offline storage in memory (XEP-0160).
+#[derive(Default)]
+pub struct MemOffline(Mutex<HashMap<BareJid, (u64, Vec<OfflineMessage>)>>);
+
+#[async_trait]
+impl OfflineStore for MemOffline {
+    async fn push(
+        &self,
+        owner: &BareJid,
+        ts_micros: u64,
+        stanza: &str,
+        quota: usize,
+    ) -> StoreResult<bool> {
+        let mut m = lock(&self.0);
+        let (next, list) = m.entry(owner.clone()).or_default();
+        if list.len() >= quota {
+            return Ok(false);
+        }
+        *next += 1;
+        list.push(OfflineMessage {
+            seq: *next,
+            ts_micros,
+            stanza: stanza.to_string(),
+        });
+        Ok(true)
+    }
+    async fn list(&self, owner: &BareJid) -> StoreResult<Vec<OfflineMessage>> {
+        Ok(lock(&self.0)
+            .get(owner)
+            .map(|(_, l)| l.clone())
+            .unwrap_or_default())
+    }
+    async fn remove(&self, owner: &BareJid, seqs: &[u64]) -> StoreResult<()> {
+        if let Some((_, l)) = lock(&self.0).get_mut(owner) {
+            l.retain(|m| !seqs.contains(&m.seq));
+        }
+        Ok(())
+    }
+    async fn count(&self, owner: &BareJid) -> StoreResult<usize> {
+        Ok(lock(&self.0).get(owner).map(|(_, l)| l.len()).unwrap_or(0))
+    }
+}
+
 #[derive(Default)]
 pub struct MemLast(Mutex<HashMap<BareJid, LastActivity>>);
 
@@ -135,6 +181,10 @@ pub struct TestHost {
     directed: Mutex<HashMap<FullJid, Vec<Jid>>>,
     roster: MemRoster,
     last: MemLast,
+    /// Replaceable so that archive tests can plug in a full in-memory archive.
+    pub archive: Box<dyn ArchiveStore>,
+    offline: MemOffline,
+    pub settings: ModuleSettings,
     delivered: Mutex<Vec<(FullJid, Element)>>,
     routed: Mutex<Vec<Element>>,
 }
@@ -142,9 +192,18 @@ pub struct TestHost {
 impl TestHost {
     /// A host with the given accounts (short names) and the roster and presence modules.
     pub fn new(accounts: &[&str]) -> Self {
+        Self::with_modules(
+            accounts,
+            &[crate::roster::register, crate::presence::register],
+        )
+    }
+
+    /// A host with the given accounts and exactly these modules registered, in order.
+    pub fn with_modules(accounts: &[&str], modules: &[fn(&mut Registry)]) -> Self {
         let mut registry = Registry::new();
-        crate::roster::register(&mut registry);
-        crate::presence::register(&mut registry);
+        for register in modules {
+            register(&mut registry);
+        }
         TestHost {
             registry,
             started: SystemTime::now(),
@@ -152,6 +211,9 @@ impl TestHost {
             sessions: Mutex::default(),
             directed: Mutex::default(),
             roster: MemRoster::default(),
+            archive: Box::new(NoArchive),
+            offline: MemOffline::default(),
+            settings: ModuleSettings::default(),
             last: MemLast::default(),
             delivered: Mutex::default(),
             routed: Mutex::default(),
@@ -194,9 +256,27 @@ impl TestHost {
         }
     }
 
+    /// Runs the message hooks as the router does; true when one handled the stanza. The stanza
+    /// as the hooks left it is returned too (hooks may add e.g. a stanza-id).
+    pub async fn message(&self, from: &str, xml_: &str) -> (bool, Element) {
+        let mut st = self.stanza(from, xml_);
+        let target = match &st.to {
+            None => Target::Bare,
+            Some(to) if to.node().is_none() => Target::Host,
+            Some(to) if to.is_full() => Target::Full,
+            Some(_) => Target::Bare,
+        };
+        for hook in self.registry.message_hooks() {
+            if hook.handle(self, &mut st, target).await == Flow::Handled {
+                return (true, st.el);
+            }
+        }
+        (false, st.el)
+    }
+
     /// Runs the presence hooks as the router does; true when one handled the stanza.
     pub async fn presence(&self, from: &str, xml_: &str) -> bool {
-        let st = self.stanza(from, xml_);
+        let mut st = self.stanza(from, xml_);
         let target = match &st.to {
             None => Target::Bare,
             Some(to) if to.node().is_none() => Target::Host,
@@ -204,7 +284,7 @@ impl TestHost {
             Some(_) => Target::Bare,
         };
         for hook in self.registry.presence_hooks() {
-            if hook.handle(self, &st, target).await == Flow::Handled {
+            if hook.handle(self, &mut st, target).await == Flow::Handled {
                 return true;
             }
         }
@@ -323,6 +403,7 @@ impl Host for TestHost {
                 priority: s.priority,
                 presence: s.presence.clone(),
                 roster_interested: s.interested,
+                carbons: s.carbons,
             })
             .collect()
     }
@@ -362,5 +443,84 @@ impl Host for TestHost {
     }
     fn last_activity(&self) -> &dyn LastActivityStore {
         &self.last
+    }
+    fn set_carbons(&self, full: &FullJid, on: bool) {
+        if let Some(s) = lock(&self.sessions).get_mut(full) {
+            s.carbons = on;
+        }
+    }
+    fn delivery_targets(&self, st: &Stanza) -> Vec<FullJid> {
+        // The router's rules, simplified: a bound full JID, else the highest-priority available
+        // resources with non-negative priority.
+        let Some(to) = &st.to else { return Vec::new() };
+        if let Ok(full) = to.try_as_full() {
+            if lock(&self.sessions).contains_key(full) {
+                return vec![full.clone()];
+            }
+        }
+        let avail: Vec<ResourceInfo> = self
+            .resources(&to.to_bare())
+            .into_iter()
+            .filter(|r| r.is_available() && r.priority >= 0)
+            .collect();
+        let top = avail.iter().map(|r| r.priority).max();
+        avail
+            .into_iter()
+            .filter(|r| Some(r.priority) == top)
+            .map(|r| r.jid)
+            .collect()
+    }
+    fn archive(&self) -> &dyn ArchiveStore {
+        self.archive.as_ref()
+    }
+    fn offline(&self) -> &dyn OfflineStore {
+        &self.offline
+    }
+    async fn durable(&self) -> StoreResult<()> {
+        Ok(())
+    }
+    fn settings(&self) -> &ModuleSettings {
+        &self.settings
+    }
+}
+
+/// An archive that stores nothing, for tests of modules that do not read it.
+pub struct NoArchive;
+
+#[async_trait]
+impl ArchiveStore for NoArchive {
+    async fn append(&self, _: &BareJid, _: &Jid, _: u64, _: &str) -> StoreResult<String> {
+        Ok(String::new())
+    }
+    async fn scan(
+        &self,
+        _: &BareJid,
+        _: Option<&BareJid>,
+        _: KeyRange,
+        _: bool,
+        _: usize,
+    ) -> StoreResult<Vec<(ArchiveKey, ArchivedMessage)>> {
+        Ok(Vec::new())
+    }
+    async fn locate(&self, _: &BareJid, _: &str) -> StoreResult<Option<ArchiveKey>> {
+        Ok(None)
+    }
+    async fn get(&self, _: &BareJid, _: ArchiveKey) -> StoreResult<Option<ArchivedMessage>> {
+        Ok(None)
+    }
+    async fn count(&self, _: &BareJid, _: Option<&BareJid>) -> StoreResult<u64> {
+        Ok(0)
+    }
+    async fn prefs(&self, _: &BareJid) -> StoreResult<ArchivePrefs> {
+        Ok(ArchivePrefs::default())
+    }
+    async fn set_prefs(&self, _: &BareJid, _: &ArchivePrefs) -> StoreResult<()> {
+        Ok(())
+    }
+    async fn size(&self, _: &BareJid) -> StoreResult<(u64, u64)> {
+        Ok((0, 0))
+    }
+    async fn prune(&self, _: Option<&BareJid>, _: u64) -> StoreResult<u64> {
+        Ok(0)
     }
 }

@@ -1,0 +1,84 @@
+//! Group commit: callers that need their writes on disk wait for the next flush, and one flush
+//! serves everyone who asked within a short window, so durability costs one fsync per window
+//! rather than one per message.
+
+use std::time::Duration;
+
+use halyard_xep::host::{StoreError, StoreResult};
+use tokio::sync::{mpsc, oneshot};
+
+type Waiter = oneshot::Sender<Result<(), String>>;
+
+pub struct GroupCommit {
+    tx: mpsc::UnboundedSender<Waiter>,
+}
+
+impl GroupCommit {
+    /// Starts the flusher task for `db`. Writes made before a `wait` call are covered by the
+    /// flush that answers it: requests that arrive while a flush runs wait for the next one.
+    pub fn start(db: sled::Db, window: Duration) -> GroupCommit {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                if !window.is_zero() {
+                    tokio::time::sleep(window).await;
+                }
+                let mut waiters = vec![first];
+                while let Ok(w) = rx.try_recv() {
+                    waiters.push(w);
+                }
+                let r = db
+                    .flush_async()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "group commit: flush failed");
+                }
+                for w in waiters {
+                    let _ = w.send(r.clone());
+                }
+            }
+        });
+        GroupCommit { tx }
+    }
+
+    /// Waits until everything written before this call is on disk.
+    pub async fn wait(&self) -> StoreResult<()> {
+        let (tx, rx) = oneshot::channel();
+        let fail = |m: String| StoreError {
+            context: "group commit".into(),
+            source: m.into(),
+        };
+        self.tx
+            .send(tx)
+            .map_err(|_| fail("the flusher has stopped".into()))?;
+        rx.await
+            .map_err(|_| fail("the flusher has stopped".into()))?
+            .map_err(fail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn many_waiters_share_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let g = std::sync::Arc::new(GroupCommit::start(db.clone(), Duration::from_millis(2)));
+        let mut tasks = Vec::new();
+        for i in 0..50u32 {
+            let (g, db) = (g.clone(), db.clone());
+            tasks.push(tokio::spawn(async move {
+                db.insert(i.to_be_bytes(), &[1u8][..]).unwrap();
+                g.wait().await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        drop(db);
+    }
+}
