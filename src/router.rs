@@ -136,12 +136,19 @@ pub async fn dispatch(server: &Server, mut st: Stanza) {
     match st.kind {
         Kind::Iq => route_iq(server, st, target, owner).await,
         Kind::Message => {
+            let mut handled = false;
             for hook in server.registry.message_hooks() {
                 if hook.handle(server, &mut st, target).await == Flow::Handled {
-                    return;
+                    handled = true;
+                    break;
                 }
             }
-            default_message(server, st, target, owner)
+            if !handled {
+                default_message(server, st, target, owner);
+            }
+            // Archive copies written by the hooks go to disk with the next group commit; the
+            // delivery above did not wait for it.
+            server.stores.durable.nudge();
         }
         Kind::Presence => {
             for hook in server.registry.presence_hooks() {

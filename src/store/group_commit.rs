@@ -43,6 +43,13 @@ impl GroupCommit {
         GroupCommit { tx }
     }
 
+    /// Asks for a flush without waiting for it: writes made so far reach the disk within the
+    /// window (used after live delivery, whose archive copies must not wait for the disk).
+    pub fn nudge(&self) {
+        let (tx, _rx) = oneshot::channel();
+        let _ = self.tx.send(tx);
+    }
+
     /// Waits until everything written before this call is on disk.
     pub async fn wait(&self) -> StoreResult<()> {
         let (tx, rx) = oneshot::channel();

@@ -32,14 +32,14 @@ https = []
 "#;
 
 /// A folder with a config.toml (relative data and certs folders next to it).
-struct Env {
+pub(crate) struct Env {
     dir: tempfile::TempDir,
     cfg: PathBuf,
 }
 
 impl Env {
     /// An environment with no certificate: `serve` generates one.
-    fn bare() -> Env {
+    pub(crate) fn bare() -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("config.toml");
         std::fs::write(&cfg, CONFIG).expect("write config");
@@ -48,7 +48,7 @@ impl Env {
 
     /// An environment whose certs folder holds the test certificate, which
     /// [`RawClient::starttls`] trusts.
-    async fn with_test_cert() -> Env {
+    pub(crate) async fn with_test_cert() -> Env {
         let env = Env::bare();
         let certs = env.path().join("certs");
         std::fs::create_dir_all(&certs).expect("certs dir");
@@ -69,20 +69,20 @@ impl Env {
         env
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
-    fn data(&self) -> PathBuf {
+    pub(crate) fn data(&self) -> PathBuf {
         self.path().join("data")
     }
 
-    fn cfg(&self) -> &str {
+    pub(crate) fn cfg(&self) -> &str {
         self.cfg.to_str().expect("utf-8 path")
     }
 
     /// `halyard --config <cfg> <args...>`.
-    fn cmd(&self, args: &[&str]) -> Command {
+    pub(crate) fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.arg("--config").arg(&self.cfg);
         c.args(args);
@@ -91,7 +91,7 @@ impl Env {
     }
 
     /// `halyard <args...>` with nothing added.
-    fn raw(&self, args: &[&str]) -> Command {
+    pub(crate) fn raw(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.args(args);
         self.prepare(&mut c);
@@ -105,16 +105,16 @@ impl Env {
             .stdin(Stdio::null());
     }
 
-    fn run(&self, args: &[&str]) -> Run {
+    pub(crate) fn run(&self, args: &[&str]) -> Run {
         Run::of(run_bounded(self.cmd(args), None))
     }
 
-    fn run_stdin(&self, args: &[&str], input: &str) -> Run {
+    pub(crate) fn run_stdin(&self, args: &[&str], input: &str) -> Run {
         Run::of(run_bounded(self.cmd(args), Some(input)))
     }
 
     /// Starts `halyard serve` with a STARTTLS listener on a free port only.
-    fn serve(&self) -> Serving {
+    pub(crate) fn serve(&self) -> Serving {
         let mut c = self.cmd(&[
             "--log",
             "info",
@@ -134,10 +134,10 @@ impl Env {
 }
 
 /// What a finished command did.
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Run {
@@ -150,7 +150,7 @@ impl Run {
     }
 
     #[track_caller]
-    fn ok(&self, what: &str) -> &Run {
+    pub(crate) fn ok(&self, what: &str) -> &Run {
         assert!(
             self.status.success(),
             "{what}: expected success, got {:?}\nstdout: {}\nstderr: {}",
@@ -163,7 +163,7 @@ impl Run {
 
     /// Asserts failure with a message on stderr; returns stderr.
     #[track_caller]
-    fn fails(&self, what: &str) -> &str {
+    pub(crate) fn fails(&self, what: &str) -> &str {
         assert!(
             !self.status.success(),
             "{what}: expected failure, got success\nstdout: {}\nstderr: {}",
@@ -180,7 +180,7 @@ impl Run {
 
 /// Runs a command to completion, killing it if it takes more than 20 s (a CLI command that hangs,
 /// e.g. a `serve` that should have refused to start, must not hang the suite).
-fn run_bounded(mut cmd: Command, input: Option<&str>) -> Output {
+pub(crate) fn run_bounded(mut cmd: Command, input: Option<&str>) -> Output {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     if input.is_some() {
         cmd.stdin(Stdio::piped());
@@ -213,10 +213,10 @@ fn run_bounded(mut cmd: Command, input: Option<&str>) -> Output {
 }
 
 /// A running `halyard serve` child; killed when dropped.
-struct Serving {
-    child: Child,
+pub(crate) struct Serving {
+    pub(crate) child: Child,
     lines: mpsc::Receiver<String>,
-    c2s: SocketAddr,
+    pub(crate) c2s: SocketAddr,
 }
 
 impl Serving {
@@ -258,12 +258,12 @@ impl Serving {
         Serving { child, lines, c2s }
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Waits for the child to exit, up to `limit`.
-    fn wait_exit(&mut self, limit: Duration) -> Option<(ExitStatus, Duration)> {
+    pub(crate) fn wait_exit(&mut self, limit: Duration) -> Option<(ExitStatus, Duration)> {
         let start = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
@@ -277,7 +277,7 @@ impl Serving {
     }
 
     /// Stderr lines logged so far.
-    fn drain_log(&self) -> Vec<String> {
+    pub(crate) fn drain_log(&self) -> Vec<String> {
         self.lines.try_iter().collect()
     }
 }
@@ -290,7 +290,7 @@ impl Drop for Serving {
 }
 
 /// The c2s address from the `listening c2s=ADDR[,ADDR] c2s_tls=...` log line.
-fn parse_listening(line: &str) -> Option<SocketAddr> {
+pub(crate) fn parse_listening(line: &str) -> Option<SocketAddr> {
     let rest = &line[line.find("listening c2s=")? + "listening c2s=".len()..];
     let first: String = rest
         .chars()
@@ -315,7 +315,7 @@ fn listening_line_parses() {
 }
 
 /// STARTTLS, PLAIN and bind against `addr`; the SASL answer when authentication fails.
-async fn try_login_at(
+pub(crate) async fn try_login_at(
     addr: SocketAddr,
     user: &str,
     password: &str,
@@ -334,7 +334,12 @@ async fn try_login_at(
     Ok(c)
 }
 
-async fn login_at(addr: SocketAddr, user: &str, password: &str, resource: &str) -> RawClient {
+pub(crate) async fn login_at(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    resource: &str,
+) -> RawClient {
     match try_login_at(addr, user, password, resource).await {
         Ok(c) => c,
         Err(e) => panic!("{user} with {password:?} should log in, got {}", xml(&e)),
