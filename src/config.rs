@@ -54,11 +54,17 @@ pub struct Storage {
     /// stanza; the archive copy of a message delivered live rides the next flush, so a crash
     /// can lose at most this window (plus the flush itself) of live messages' archive copies.
     pub group_commit_ms: u64,
+    /// Megabytes of the store's page cache (sled). Hot data (accounts, recent archive pages)
+    /// stays in memory; the rest is read from disk.
+    pub cache_mb: u64,
 }
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage { group_commit_ms: 2 }
+        Storage {
+            group_commit_ms: 2,
+            cache_mb: 128,
+        }
     }
 }
 
@@ -228,6 +234,10 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+    }
+
+    pub fn cache_bytes(&self) -> u64 {
+        self.storage.cache_mb.saturating_mul(1 << 20)
     }
 
     pub fn group_commit(&self) -> Duration {

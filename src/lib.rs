@@ -79,7 +79,11 @@ pub async fn serve(
     if !config.c2s.require_tls {
         tracing::warn!("c2s.require_tls is off: passwords may cross the network in the clear; use this for loopback benchmarks only");
     }
-    let stores = Stores::open_sled(&config.data_dir, config.group_commit())?;
+    let stores = Stores::open_sled(
+        &config.data_dir,
+        config.group_commit(),
+        config.cache_bytes(),
+    )?;
     let tls = tls::load(&config.certs_dir, &config.domains)?;
     let server = Arc::new(Server::new(
         config.clone(),

@@ -267,7 +267,8 @@ async fn admin_request(cfg: &Config, req: Request) -> anyhow::Result<admin::Resp
     if let Some(r) = admin::socket::request(&cfg.data_dir, &req).await? {
         return Ok(r);
     }
-    let stores = halyard::store::Stores::open_sled(&cfg.data_dir, cfg.group_commit())?;
+    let stores =
+        halyard::store::Stores::open_sled(&cfg.data_dir, cfg.group_commit(), cfg.cache_bytes())?;
     let ctx = admin::Context {
         stores: &stores,
         server: None,

@@ -72,12 +72,14 @@ pub struct Stores {
 
 impl Stores {
     /// Opens the embedded sled store under `data_dir`; `group_commit` is the window in which
-    /// flush requests are gathered into one flush. Needs a tokio runtime.
+    /// flush requests are gathered into one flush, `cache_bytes` the page cache. Needs a tokio
+    /// runtime.
     pub fn open_sled(
         data_dir: &std::path::Path,
         group_commit: std::time::Duration,
+        cache_bytes: u64,
     ) -> anyhow::Result<Stores> {
-        let s = Arc::new(sled::SledStore::open(data_dir)?);
+        let s = Arc::new(sled::SledStore::open(data_dir, cache_bytes)?);
         let f = s.clone();
         let db = s.db.clone();
         Ok(Stores {

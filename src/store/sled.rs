@@ -43,16 +43,22 @@ fn encode<T: serde::Serialize>(what: &str, v: &T) -> StoreResult<Vec<u8>> {
 }
 
 impl SledStore {
-    pub fn open(dir: &Path) -> anyhow::Result<SledStore> {
+    pub fn open(dir: &Path, cache_bytes: u64) -> anyhow::Result<SledStore> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", dir.display()))?;
         let path = dir.join("store");
-        let db = sled::Config::new().path(&path).flush_every_ms(Some(200)).open().map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the store at {}: {e} (another halyard process may be using it: stop it, or use its admin socket)",
-                path.display()
-            )
-        })?;
+        let db = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(Some(200))
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the store at {}: {e} (another halyard process may be using it: \
+                     stop it, or use its admin socket)",
+                    path.display()
+                )
+            })?;
         let open = |name: &str| {
             db.open_tree(name)
                 .map_err(|e| anyhow::anyhow!("cannot open tree {name}: {e}"))
@@ -287,7 +293,7 @@ mod tests {
     #[tokio::test]
     async fn accounts_create_once_and_remove_everything() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = SledStore::open(dir.path(), 64 << 20).unwrap();
         let a = Account {
             scram: Default::default(),
             created: 1,
@@ -317,7 +323,7 @@ mod tests {
     #[tokio::test]
     async fn roster_prefix_does_not_leak_between_owners() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = SledStore::open(dir.path(), 64 << 20).unwrap();
         let item = RosterItem {
             jid: "c@x".into(),
             ..Default::default()
