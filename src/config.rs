@@ -296,6 +296,12 @@ impl Config {
         {
             problems.push("c2s timeouts must be at least 1 second".into());
         }
+        if self.c2s.outbound_queue < 2 * self.archive.max_page {
+            problems.push(format!(
+                "c2s.outbound_queue ({}) must be at least twice archive.max_page ({}): an archive page is queued to the client at once",
+                self.c2s.outbound_queue, self.archive.max_page
+            ));
+        }
         if self.archive.default_page == 0 || self.archive.max_page < self.archive.default_page {
             problems.push("archive.default_page must be at least 1 and archive.max_page at least default_page".into());
         }

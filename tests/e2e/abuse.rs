@@ -347,7 +347,11 @@ async fn a_thousand_rapid_connections_do_not_hurt() {
 async fn slow_reader_is_disconnected_without_unbounded_buffering() {
     let s = TestServer::start_with(|cfg| {
         cfg.c2s.outbound_queue = 16;
+        cfg.archive.max_page = 8;
+        cfg.archive.default_page = 8;
         cfg.c2s.write_timeout_secs = 2;
+        // Nothing goes to offline storage: every refused message must come back as an error.
+        cfg.offline.quota = 0;
     })
     .await;
     add_users(&s).await;
@@ -462,7 +466,14 @@ async fn spoofed_from_is_replaced_by_the_senders_full_jid() {
 
 #[tokio::test]
 async fn pipelining_sender_that_reads_is_not_taken_for_a_slow_reader() {
-    let s = TestServer::start_with(|cfg| cfg.c2s.outbound_queue = 16).await;
+    let s = TestServer::start_with(|cfg| {
+        cfg.c2s.outbound_queue = 16;
+        cfg.archive.max_page = 8;
+        cfg.archive.default_page = 8;
+        // Eve's messages must bounce, not wait in offline storage.
+        cfg.offline.quota = 0;
+    })
+    .await;
     add_users(&s).await;
     let mut pair = Pair::login(&s, "pipe").await;
     // Eve is offline: every message comes back as service-unavailable. Alice writes 20 at a

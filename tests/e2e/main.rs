@@ -10,6 +10,7 @@ mod abuse;
 mod auth;
 mod chat;
 mod cli;
+mod durability;
 mod negotiation;
 mod roster_presence;
 mod routing;

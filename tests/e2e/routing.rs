@@ -21,6 +21,16 @@ async fn server_with(users: &[&str]) -> TestServer {
     s
 }
 
+/// A server that stores nothing offline, so the RFC 6121 §8.5.2.2 fallback (an error to the
+/// sender) is what a message to an unavailable user gets.
+async fn server_without_offline_storage(users: &[&str]) -> TestServer {
+    let s = TestServer::start_with(|c| c.offline.quota = 0).await;
+    for u in users {
+        s.add_user(u, PW).await;
+    }
+    s
+}
+
 /// A bound session of `user` with resource `res`, without presence.
 async fn bound(s: &TestServer, user: &str, res: &str) -> RawClient {
     RawClient::login(s, user, PW, res).await
@@ -217,7 +227,7 @@ async fn deliver_to_all_resources_reaches_every_non_negative_resource() {
 
 #[tokio::test]
 async fn negative_priority_resources_never_get_bare_jid_messages() {
-    let s = server_with(&["alice", "bob"]).await;
+    let s = server_without_offline_storage(&["alice", "bob"]).await;
     let mut alice = bound(&s, "alice", "phone").await;
     let mut neg = online(&s, "bob", "neg", Some(-1)).await;
 
@@ -288,7 +298,7 @@ async fn message_to_gone_resource_falls_back_by_type() {
 
 #[tokio::test]
 async fn message_to_account_without_available_resource_bounces_except_headline() {
-    let s = server_with(&["alice", "bob"]).await;
+    let s = server_without_offline_storage(&["alice", "bob"]).await;
     let mut alice = bound(&s, "alice", "phone").await;
 
     // Not logged in at all.

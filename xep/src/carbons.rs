@@ -62,7 +62,10 @@ impl IqHandler for Toggle {
         let Ok(full) = iq.from.try_as_full() else {
             return IqReply::Error(StanzaError::NotAllowed(None));
         };
-        let own_account = iq.to.as_ref().is_none_or(|to| to.to_bare() == full.to_bare());
+        let own_account = iq
+            .to
+            .as_ref()
+            .is_none_or(|to| to.to_bare() == full.to_bare());
         if !own_account || !host.is_local_domain(full.domain().as_str()) {
             // §4.1, §5.1: only a client of this server, for itself.
             return IqReply::Error(StanzaError::NotAllowed(None));
@@ -121,10 +124,21 @@ pub fn wrap(kind: &'static str, original: &Element, user: &BareJid, to: &FullJid
     }
     b.append(
         Element::builder(kind, NS)
-            .append(Element::builder("forwarded", FORWARD).append(original.clone()).build())
+            .append(
+                Element::builder("forwarded", FORWARD)
+                    .append(original.clone())
+                    .build(),
+            )
             .build(),
     )
     .build()
+}
+
+/// Removes `<stanza-id by='by'/>` elements (XEP-0359).
+fn strip_stanza_ids_by(el: &mut Element, by: &str) {
+    crate::stanza::remove_children(el, |c| {
+        c.is("stanza-id", "urn:xmpp:sid:0") && c.attr("by") == Some(by)
+    });
 }
 
 /// A local user's session: a full JID of an account on this server.
@@ -161,9 +175,13 @@ impl StanzaHook for Carbons {
         if let Some(sender) = &sender {
             let user = sender.to_bare();
             if user != recipient {
+                // The sender's copies must not reveal the recipient's archive id (XEP-0313
+                // §3.5: ids go only to those who can read that archive).
+                let mut sent = original.clone();
+                strip_stanza_ids_by(&mut sent, recipient.as_str());
                 for r in host.resources(&user) {
                     if r.carbons && r.jid != *sender {
-                        host.deliver(&r.jid, &wrap("sent", &original, &user, &r.jid));
+                        host.deliver(&r.jid, &wrap("sent", &sent, &user, &r.jid));
                     }
                 }
             }
@@ -196,4 +214,452 @@ pub fn register(reg: &mut Registry) {
     reg.iq(IqScope::Account, NS, Arc::new(Toggle));
     reg.message_hook(MESSAGE_PRIORITY, Arc::new(Carbons));
     reg.server_feature(NS);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{full, TestHost};
+
+    fn host() -> TestHost {
+        TestHost::with_modules(
+            &["a", "b"],
+            &[
+                crate::roster::register,
+                crate::presence::register,
+                crate::carbons::register,
+                crate::offline::register,
+            ],
+        )
+    }
+
+    async fn enable(h: &TestHost, jid: &str) {
+        let r = h
+            .iq(
+                jid,
+                "<iq type='set' id='c'><enable xmlns='urn:xmpp:carbons:2'/></iq>",
+            )
+            .await;
+        assert!(matches!(r, IqReply::Result(None)), "{r:?}");
+    }
+
+    /// Binds `jid` with this presence (none for `None`), carbons on when `carbons`.
+    async fn online(h: &TestHost, jid: &str, presence: Option<&str>, carbons: bool) {
+        h.bind(jid);
+        if let Some(p) = presence {
+            assert!(h.presence(jid, p).await);
+        }
+        if carbons {
+            enable(h, jid).await;
+        }
+        h.take();
+    }
+
+    /// The carbons delivered, as `resource: kind body`; asserts the wrapper's addresses.
+    fn carbons(h: &TestHost) -> Vec<String> {
+        h.take()
+            .into_iter()
+            .filter_map(|(to, el)| {
+                let (kind, fwd) = ["sent", "received"]
+                    .into_iter()
+                    .find_map(|k| el.get_child(k, NS).map(|c| (k, c)))?;
+                assert_eq!(
+                    el.attr("from"),
+                    Some(to.to_bare().as_str()),
+                    "from the bare JID"
+                );
+                assert_eq!(el.attr("to"), Some(to.as_str()));
+                let inner = fwd
+                    .get_child("forwarded", FORWARD)
+                    .and_then(|f| f.get_child("message", ns::CLIENT))
+                    .expect("forwarded message");
+                let body = inner
+                    .get_child("body", ns::CLIENT)
+                    .map(|b| b.text())
+                    .unwrap_or_default();
+                Some(format!("{}: {kind} {body}", to.resource()))
+            })
+            .collect()
+    }
+
+    /// Runs the message hooks for a stanza from any address (`TestHost::message` takes a full
+    /// JID).
+    async fn run(h: &TestHost, from: &str, xml: &str) {
+        let mut el = crate::testing::xml(xml);
+        el.set_attr(Namespace::NONE, n("from"), from);
+        let to = el.attr("to").map(|t| Jid::new(t).expect("to"));
+        let target = match &to {
+            Some(t) if t.is_full() => Target::Full,
+            _ => Target::Bare,
+        };
+        let mut st = Stanza {
+            kind: crate::Kind::Message,
+            from: Jid::new(from).expect("from"),
+            to,
+            el,
+        };
+        for hook in h.registry().message_hooks() {
+            if hook.handle(h, &mut st, target).await == Flow::Handled {
+                break;
+            }
+        }
+    }
+
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn enable_and_disable() {
+        let h = host();
+        h.bind("a/r");
+        enable(&h, "a/r").await;
+        assert!(h.session("a/r").is_some_and(|s| s.carbons));
+        enable(&h, "a/r").await;
+        let r = h
+            .iq(
+                "a/r",
+                "<iq type='set' id='d' to='a'><disable xmlns='urn:xmpp:carbons:2'/></iq>",
+            )
+            .await;
+        assert!(matches!(r, IqReply::Result(None)));
+        assert!(h.session("a/r").is_some_and(|s| !s.carbons));
+
+        let err = |r: IqReply| match r {
+            IqReply::Error(e) => e.condition(),
+            IqReply::Result(_) => "result",
+        };
+        let get = h
+            .iq(
+                "a/r",
+                "<iq type='get' id='g'><enable xmlns='urn:xmpp:carbons:2'/></iq>",
+            )
+            .await;
+        assert_eq!(err(get), "bad-request");
+        let other = h
+            .iq(
+                "a/r",
+                "<iq type='set' id='o' to='b'><enable xmlns='urn:xmpp:carbons:2'/></iq>",
+            )
+            .await;
+        assert_eq!(err(other), "not-allowed");
+        let unknown = h
+            .iq(
+                "a/r",
+                "<iq type='set' id='u'><sent xmlns='urn:xmpp:carbons:2'/></iq>",
+            )
+            .await;
+        assert_eq!(err(unknown), "bad-request");
+        assert!(h.session("a/r").is_some_and(|s| !s.carbons));
+    }
+
+    #[test]
+    fn advertised_on_the_server() {
+        let mut reg = Registry::new();
+        register(&mut reg);
+        assert!(reg.server_features().any(|f| f == NS));
+        assert!(reg.iq_handler(IqScope::Account, NS).is_some());
+    }
+
+    #[tokio::test]
+    async fn sent_carbons_go_to_the_senders_other_enabled_resources() {
+        let h = host();
+        online(&h, "a/r1", Some("<presence/>"), true).await;
+        online(&h, "a/r2", Some("<presence/>"), true).await;
+        online(&h, "a/off", Some("<presence/>"), false).await;
+        online(&h, "a/quiet", None, true).await;
+        online(&h, "b/r", Some("<presence/>"), false).await;
+
+        let (handled, _) = h
+            .message(
+                "a/r1",
+                "<message type='chat' to='b' id='m'><body>hi</body></message>",
+            )
+            .await;
+        assert!(!handled, "carbons never consume the message");
+        let log = h.take();
+        let (to, el) = log
+            .iter()
+            .find(|(to, _)| *to == full("a/r2"))
+            .expect("a/r2 copy");
+        assert_eq!(el.attr("type"), Some("chat"));
+        let inner = el
+            .get_child("sent", NS)
+            .and_then(|s| s.get_child("forwarded", FORWARD))
+            .and_then(|f| f.get_child("message", ns::CLIENT))
+            .expect("sent/forwarded/message");
+        assert_eq!(
+            (inner.attr("from"), inner.attr("to"), inner.attr("id")),
+            (Some("a@example.com/r1"), Some("b@example.com"), Some("m"))
+        );
+        assert_eq!(to.as_str(), "a@example.com/r2");
+        assert_eq!(log.len(), 2, "a/r2 and a/quiet: {log:?}");
+        h.message(
+            "a/r1",
+            "<message type='chat' to='b'><body>again</body></message>",
+        )
+        .await;
+        assert_eq!(sorted(carbons(&h)), ["quiet: sent again", "r2: sent again"]);
+
+        // The sender need not have enabled carbons itself; a normal message with no type keeps none.
+        h.message("a/off", "<message to='b'><body>plain</body></message>")
+            .await;
+        let log = h.take();
+        assert!(log.iter().all(|(_, el)| el.attr("type").is_none()));
+        h.message("a/off", "<message to='b'><body>plain</body></message>")
+            .await;
+        assert_eq!(
+            sorted(carbons(&h)),
+            ["quiet: sent plain", "r1: sent plain", "r2: sent plain"]
+        );
+    }
+
+    #[tokio::test]
+    async fn received_carbons_go_to_enabled_resources_the_message_does_not_reach() {
+        let h = host();
+        online(&h, "a/r", Some("<presence/>"), false).await;
+        online(
+            &h,
+            "b/top",
+            Some("<presence><priority>5</priority></presence>"),
+            true,
+        )
+        .await;
+        online(&h, "b/low", Some("<presence/>"), true).await;
+        online(&h, "b/off", Some("<presence/>"), false).await;
+        online(
+            &h,
+            "b/neg",
+            Some("<presence><priority>-1</priority></presence>"),
+            true,
+        )
+        .await;
+        online(&h, "b/quiet", None, true).await;
+
+        h.message(
+            "a/r",
+            "<message type='chat' to='b'><body>bare</body></message>",
+        )
+        .await;
+        assert_eq!(
+            sorted(carbons(&h)),
+            [
+                "low: received bare",
+                "neg: received bare",
+                "quiet: received bare"
+            ]
+        );
+        h.message(
+            "a/r",
+            "<message type='chat' to='b/low'><body>full</body></message>",
+        )
+        .await;
+        assert_eq!(
+            sorted(carbons(&h)),
+            [
+                "neg: received full",
+                "quiet: received full",
+                "top: received full"
+            ]
+        );
+        // The wrapper is from the recipient's bare JID and keeps the type.
+        h.message(
+            "a/r",
+            "<message type='chat' to='b/low'><body>x</body></message>",
+        )
+        .await;
+        let log = h.take();
+        let (_, el) = log
+            .iter()
+            .find(|(to, _)| *to == full("b/top"))
+            .expect("copy");
+        assert_eq!(
+            (el.attr("from"), el.attr("type")),
+            (Some("b@example.com"), Some("chat"))
+        );
+        assert!(el.has_child("received", NS));
+    }
+
+    #[tokio::test]
+    async fn received_carbons_when_the_message_goes_offline() {
+        let h = host();
+        online(&h, "a/r", Some("<presence/>"), false).await;
+        online(
+            &h,
+            "b/neg",
+            Some("<presence><priority>-1</priority></presence>"),
+            true,
+        )
+        .await;
+        online(&h, "b/quiet", None, true).await;
+        let (handled, _) = h
+            .message(
+                "a/r",
+                "<message type='chat' to='b'><body>x</body></message>",
+            )
+            .await;
+        assert!(handled, "stored offline");
+        // b/quiet gets it from offline storage at its initial presence instead.
+        assert_eq!(carbons(&h), ["neg: received x"]);
+        // A message that will bounce is not copied.
+        h.message("a/r", "<message type='chat' to='b'><body>y</body><no-store xmlns='urn:xmpp:hints'/></message>")
+            .await;
+        assert!(carbons(&h).is_empty());
+    }
+
+    #[tokio::test]
+    async fn private_no_copy_carbons_and_other_types_are_not_copied() {
+        let h = host();
+        online(&h, "a/r1", Some("<presence/>"), true).await;
+        online(&h, "a/r2", Some("<presence/>"), true).await;
+        online(
+            &h,
+            "b/r1",
+            Some("<presence><priority>1</priority></presence>"),
+            true,
+        )
+        .await;
+        online(&h, "b/r2", Some("<presence/>"), true).await;
+
+        for xml in [
+            "<message type='chat' to='b'><body>x</body><private xmlns='urn:xmpp:carbons:2'/></message>",
+            "<message type='chat' to='b/r1'><body>x</body><no-copy xmlns='urn:xmpp:hints'/></message>",
+            "<message type='chat' to='b'><received xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client'><body>x</body></message></forwarded></received></message>",
+            "<message type='chat' to='b'><sent xmlns='urn:xmpp:carbons:2'/></message>",
+            "<message type='error' to='b'><body>x</body><error type='cancel'><gone xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
+            "<message type='groupchat' to='b'><body>x</body></message>",
+            "<message type='headline' to='b'><body>x</body></message>",
+            "<message to='b'><subject>no body</subject></message>",
+            "<message to='example.com'><body>to the server</body></message>",
+        ] {
+            h.message("a/r1", xml).await;
+            assert!(carbons(&h).is_empty(), "{xml}");
+        }
+        // The private element stays on the message.
+        let (_, el) = h
+            .message("a/r1", "<message type='chat' to='b'><body>x</body><private xmlns='urn:xmpp:carbons:2'/></message>")
+            .await;
+        assert!(el.has_child("private", NS));
+
+        // IM payloads make a bodiless normal message eligible.
+        for (xml, what) in [
+            ("<message to='b/r1'><received xmlns='urn:xmpp:receipts' id='1'/></message>", "receipt"),
+            ("<message to='b/r1'><displayed xmlns='urn:xmpp:chat-markers:0' id='1'/></message>", "marker"),
+            ("<message to='b/r1'><x xmlns='jabber:x:conference' jid='room@muc.example.com'/></message>", "invite"),
+        ] {
+            h.message("a/r1", xml).await;
+            // a/r2 gets the sent copy, b/r2 the received one.
+            assert_eq!(sorted(carbons(&h)), ["r2: received ", "r2: sent "], "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn generated_remote_muc_and_self_messages() {
+        let h = host();
+        online(
+            &h,
+            "a/r1",
+            Some("<presence><priority>1</priority></presence>"),
+            true,
+        )
+        .await;
+        online(&h, "a/r2", Some("<presence/>"), true).await;
+        online(&h, "a/r3", Some("<presence/>"), true).await;
+
+        // From the server (a domain JID) or a module on the user's behalf (the bare JID).
+        h.message(
+            "example.com/announce",
+            "<message type='chat' to='a/r1'><body>x</body></message>",
+        )
+        .await;
+        assert!(carbons(&h).is_empty());
+        run(
+            &h,
+            "a@example.com",
+            "<message type='chat' to='a/r1'><body>x</body></message>",
+        )
+        .await;
+        assert!(carbons(&h).is_empty());
+
+        // From another server: received carbons only.
+        h.message(
+            "juliet@capulet.example/balcony",
+            "<message type='chat' to='a/r1'><body>remote</body></message>",
+        )
+        .await;
+        assert_eq!(
+            sorted(carbons(&h)),
+            ["r2: received remote", "r3: received remote"]
+        );
+        // A private message from a MUC occupant is not copied; a mediated invitation is.
+        h.message(
+            "room@muc.capulet.example/nurse",
+            "<message type='chat' to='a/r1'><body>pm</body><x xmlns='http://jabber.org/protocol/muc#user'/></message>",
+        )
+        .await;
+        assert!(carbons(&h).is_empty());
+        run(
+            &h,
+            "room@muc.capulet.example",
+            "<message to='a'><x xmlns='http://jabber.org/protocol/muc#user'><invite from='b@example.com'/></x></message>",
+        )
+        .await;
+        assert_eq!(sorted(carbons(&h)), ["r2: received ", "r3: received "]);
+
+        // To one's own other resource: received carbons to the rest, no sent carbons.
+        h.message(
+            "a/r1",
+            "<message type='chat' to='a/r2'><body>self</body></message>",
+        )
+        .await;
+        assert_eq!(carbons(&h), ["r3: received self"]);
+    }
+
+    #[tokio::test]
+    async fn copies_carry_the_hooks_additions() {
+        fn stanza_id(reg: &mut Registry) {
+            struct AddId;
+            #[async_trait]
+            impl StanzaHook for AddId {
+                async fn handle(&self, _: &dyn Host, st: &mut Stanza, _: Target) -> Flow {
+                    st.el
+                        .append_child(Element::bare("stanza-id", "urn:xmpp:sid:0"));
+                    Flow::Pass
+                }
+            }
+            reg.message_hook(100, Arc::new(AddId));
+        }
+        let h = TestHost::with_modules(
+            &["a", "b"],
+            &[
+                crate::roster::register,
+                crate::presence::register,
+                stanza_id,
+                register,
+            ],
+        );
+        online(&h, "a/r", Some("<presence/>"), false).await;
+        online(
+            &h,
+            "b/r1",
+            Some("<presence><priority>1</priority></presence>"),
+            false,
+        )
+        .await;
+        online(&h, "b/r2", Some("<presence/>"), true).await;
+        h.message(
+            "a/r",
+            "<message type='chat' to='b'><body>x</body></message>",
+        )
+        .await;
+        let log = h.take();
+        let inner = log[0]
+            .1
+            .get_child("received", NS)
+            .and_then(|r| r.get_child("forwarded", FORWARD))
+            .and_then(|f| f.get_child("message", ns::CLIENT))
+            .expect("copy");
+        assert!(inner.has_child("stanza-id", "urn:xmpp:sid:0"));
+    }
 }

@@ -13,8 +13,9 @@
 //!   through;
 //! - protocol modules: [`roster`], [`presence`] (RFC 6121), [`disco`] (XEP-0030), [`caps`]
 //!   (XEP-0115), [`ping`] (XEP-0199), [`version`] (XEP-0092), [`last`] (XEP-0012), [`offline`]
-//!   (XEP-0160), [`carbons`] (XEP-0280).
+//!   (XEP-0160), [`carbons`] (XEP-0280), [`mam`] (XEP-0313, with XEP-0359 and XEP-0334).
 
+pub mod datetime;
 pub mod host;
 pub mod ns;
 pub mod registry;
@@ -26,6 +27,7 @@ pub mod caps;
 pub mod carbons;
 pub mod disco;
 pub mod last;
+pub mod mam;
 pub mod offline;
 pub mod ping;
 pub mod presence;
@@ -39,6 +41,7 @@ pub use stanza::{Kind, Stanza, StanzaError};
 /// Registers every module that ships with Halyard, in the order their hooks should see stanzas
 /// when priorities tie.
 pub fn register_all(reg: &mut Registry) {
+    mam::register(reg);
     roster::register(reg);
     presence::register(reg);
     offline::register(reg);

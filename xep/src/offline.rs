@@ -25,7 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use jid::{BareJid, FullJid};
-use minidom::{Element, Node};
+use minidom::Element;
 
 use crate::host::Host;
 use crate::ns;
@@ -55,31 +55,6 @@ fn now_micros() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-/// A time in microseconds since the Unix epoch as an XEP-0082 DateTime in UTC with
-/// milliseconds, e.g. `2002-09-10T23:08:25.000Z`.
-pub fn datetime(micros: u64) -> String {
-    let secs = micros / 1_000_000;
-    let millis = (micros / 1000) % 1000;
-    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
-    let rem = secs % 86_400;
-    // Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's `civil_from_days`).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
 }
 
 /// Whether the message carries the XEP-0334 hint `name`.
@@ -162,7 +137,12 @@ impl StanzaHook for Store {
             }
             Ok(false) => {
                 tracing::debug!(%owner, quota, "offline: quota reached");
-                reply_error(host, st, StanzaError::ServiceUnavailable(Some(QUOTA_TEXT.into()))).await;
+                reply_error(
+                    host,
+                    st,
+                    StanzaError::ServiceUnavailable(Some(QUOTA_TEXT.into())),
+                )
+                .await;
                 Flow::Handled
             }
             Err(e) => {
@@ -186,16 +166,13 @@ fn priority(el: &Element) -> Option<i8> {
 /// `el` as delivered from offline storage: a `<delay/>` from this server in place of any the
 /// sender may have forged (XEP-0203 §4).
 fn stamped(mut el: Element, domain: &str, ts_micros: u64) -> Element {
-    for node in el.take_nodes() {
-        match &node {
-            Node::Element(c) if c.is("delay", ns::DELAY) && c.attr("from") == Some(domain) => {}
-            _ => el.append_node(node),
-        }
-    }
+    crate::stanza::remove_children(&mut el, |c| {
+        c.is("delay", ns::DELAY) && c.attr("from") == Some(domain)
+    });
     el.append_child(
         Element::builder("delay", ns::DELAY)
             .attr(n("from"), domain)
-            .attr(n("stamp"), datetime(ts_micros))
+            .attr(n("stamp"), crate::datetime::format_datetime(ts_micros))
             .append("Offline Storage")
             .build(),
     );
@@ -250,7 +227,7 @@ impl StanzaHook for Deliver {
         let Ok(full) = st.from.try_as_full() else {
             return Flow::Pass;
         };
-        if !priority(&st.el).is_some_and(|p| p >= 0) {
+        if priority(&st.el).is_none_or(|p| p < 0) {
             return Flow::Pass;
         }
         let owner = full.to_bare();
@@ -272,4 +249,364 @@ pub fn register(reg: &mut Registry) {
     reg.message_hook(MESSAGE_PRIORITY, Arc::new(Store));
     reg.presence_hook(PRESENCE_PRIORITY, Arc::new(Deliver));
     reg.server_feature(FEATURE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{bare, full, TestHost};
+
+    const MODULES: &[fn(&mut Registry)] = &[
+        crate::roster::register,
+        crate::presence::register,
+        crate::carbons::register,
+        crate::offline::register,
+    ];
+
+    /// Stands in for the archive: adds a `<stanza-id/>` before the other hooks, as mam does.
+    fn stanza_ids(reg: &mut Registry) {
+        struct AddId;
+        #[async_trait]
+        impl StanzaHook for AddId {
+            async fn handle(&self, _: &dyn Host, st: &mut Stanza, _: Target) -> Flow {
+                st.el.append_child(
+                    Element::builder("stanza-id", SID)
+                        .attr(n("id"), "sid-1")
+                        .attr(n("by"), "b@example.com")
+                        .build(),
+                );
+                Flow::Pass
+            }
+        }
+        reg.message_hook(100, Arc::new(AddId));
+    }
+
+    fn host() -> TestHost {
+        TestHost::with_modules(&["a", "b"], MODULES)
+    }
+
+    async fn online(h: &TestHost, jid: &str, presence: &str) {
+        h.bind(jid);
+        assert!(h.presence(jid, presence).await);
+        h.take();
+    }
+
+    async fn stored(h: &TestHost, user: &str) -> Vec<String> {
+        h.offline()
+            .list(&bare(user))
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|m| m.stanza)
+            .collect()
+    }
+
+    /// The messages delivered to `to` (presence and the rest left out).
+    fn messages(log: &[(FullJid, Element)], to: &str) -> Vec<Element> {
+        log.iter()
+            .filter(|(j, el)| *j == full(to) && el.name() == "message")
+            .map(|(_, el)| el.clone())
+            .collect()
+    }
+
+    fn body(el: &Element) -> String {
+        el.get_child("body", ns::CLIENT)
+            .map(|b| b.text())
+            .unwrap_or_default()
+    }
+
+    fn delay(el: &Element) -> &Element {
+        el.get_child("delay", ns::DELAY).expect("a delay")
+    }
+
+    #[test]
+    fn chat_state_only() {
+        let m = |s: &str| crate::testing::xml(s);
+        let active = "<active xmlns='http://jabber.org/protocol/chatstates'/>";
+        assert!(is_chat_state_only(&m(&format!(
+            "<message>{active}</message>"
+        ))));
+        assert!(is_chat_state_only(&m(&format!(
+            "<message>{active}<thread>t</thread><origin-id xmlns='urn:xmpp:sid:0' id='x'/></message>"
+        ))));
+        assert!(!is_chat_state_only(&m(&format!(
+            "<message>{active}<body>hi</body></message>"
+        ))));
+        assert!(!is_chat_state_only(&m(&format!(
+            "<message>{active}<request xmlns='urn:xmpp:receipts'/></message>"
+        ))));
+        assert!(!is_chat_state_only(&m("<message/>")));
+    }
+
+    #[tokio::test]
+    async fn stored_while_offline_and_delivered_with_delay_at_the_next_initial_presence() {
+        let h = host();
+        online(&h, "a/r", "<presence/>").await;
+        let (handled, _) = h
+            .message(
+                "a/r",
+                "<message type='chat' to='b' id='m1'><body>one</body></message>",
+            )
+            .await;
+        assert!(handled);
+        let (handled, _) = h
+            .message(
+                "a/r",
+                "<message to='b/gone' id='m2'><body>two</body></message>",
+            )
+            .await;
+        assert!(
+            handled,
+            "a full JID whose resource is not bound counts as the bare JID"
+        );
+        assert!(h.take().is_empty(), "nothing goes back to the sender");
+        assert_eq!(stored(&h, "b").await.len(), 2);
+
+        // A bound resource that has not sent presence yet does not get them.
+        h.bind("b/r");
+        assert!(h.take().is_empty());
+        assert!(h.presence("b/r", "<presence/>").await);
+        let got = messages(&h.take(), "b/r");
+        assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["one", "two"]);
+        assert_eq!(got[0].attr("id"), Some("m1"));
+        assert_eq!(got[0].attr("from"), Some("a@example.com/r"));
+        assert_eq!(got[1].attr("to"), Some("b@example.com/gone"));
+        for el in &got {
+            let d = delay(el);
+            assert_eq!(d.attr("from"), Some("example.com"));
+            let stamp = d.attr("stamp").expect("stamp");
+            assert!(
+                crate::datetime::parse_datetime(stamp).is_some(),
+                "XEP-0082 stamp: {stamp}"
+            );
+        }
+        assert!(delay(&got[0]).attr("stamp") <= delay(&got[1]).attr("stamp"));
+        assert!(stored(&h, "b").await.is_empty(), "removed once delivered");
+
+        // Not again: neither on a presence update nor at another login.
+        h.offline()
+            .push(
+                &bare("b"),
+                1,
+                "<message xmlns='jabber:client' to='b@example.com'><body>late</body></message>",
+                10,
+            )
+            .await
+            .expect("push");
+        assert!(
+            h.presence("b/r", "<presence><show>away</show></presence>")
+                .await
+        );
+        assert!(
+            messages(&h.take(), "b/r").is_empty(),
+            "an update does not deliver"
+        );
+        h.offline().remove(&bare("b"), &[3]).await.expect("remove");
+        h.bind("b/r2");
+        assert!(h.presence("b/r2", "<presence/>").await);
+        assert!(messages(&h.take(), "b/r2").is_empty());
+    }
+
+    #[tokio::test]
+    async fn negative_priority_never_gets_offline_messages() {
+        let h = host();
+        online(&h, "a/r", "<presence/>").await;
+        h.message("a/r", "<message to='b'><body>one</body></message>")
+            .await;
+        online(&h, "b/r", "<presence><priority>-1</priority></presence>").await;
+        assert_eq!(
+            stored(&h, "b").await.len(),
+            1,
+            "kept for a non-negative resource"
+        );
+        // Still offline for the purpose of delivery.
+        let (handled, _) = h
+            .message("a/r", "<message to='b'><body>two</body></message>")
+            .await;
+        assert!(handled);
+        assert_eq!(stored(&h, "b").await.len(), 2);
+        // Becoming eligible counts like an initial presence.
+        assert!(
+            h.presence("b/r", "<presence><priority>0</priority></presence>")
+                .await
+        );
+        let got = messages(&h.take(), "b/r");
+        assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["one", "two"]);
+        assert!(stored(&h, "b").await.is_empty());
+        // An invalid priority delivers nothing (the presence module refuses it).
+        h.message("a/r", "<message to='b/x'><body>three</body></message>")
+            .await;
+        assert!(
+            stored(&h, "b").await.is_empty(),
+            "b/r is online: delivered by the router"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_priority_does_not_deliver() {
+        let h = host();
+        online(&h, "a/r", "<presence/>").await;
+        h.message("a/r", "<message to='b'><body>one</body></message>")
+            .await;
+        h.bind("b/r");
+        h.presence("b/r", "<presence><priority>high</priority></presence>")
+            .await;
+        assert!(messages(&h.take(), "b/r").is_empty());
+        assert_eq!(stored(&h, "b").await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn not_stored_while_a_resource_can_take_it() {
+        let h = host();
+        online(&h, "a/r", "<presence/>").await;
+        online(&h, "b/r", "<presence/>").await;
+        let (handled, _) = h
+            .message("a/r", "<message to='b'><body>hi</body></message>")
+            .await;
+        assert!(!handled, "left to the router's delivery");
+        // A bound resource addressed by its full JID gets it even before its presence.
+        h.bind("b/quiet");
+        h.end("b/r").await;
+        let (handled, _) = h
+            .message("a/r", "<message to='b/quiet'><body>hi</body></message>")
+            .await;
+        assert!(!handled);
+        assert!(stored(&h, "b").await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn quota_reached_answers_the_sender() {
+        let mut h = host();
+        h.settings.offline.quota = 1;
+        online(&h, "a/r", "<presence/>").await;
+        assert!(
+            h.message("a/r", "<message to='b' id='1'><body>one</body></message>")
+                .await
+                .0
+        );
+        assert!(h.take().is_empty());
+        assert!(
+            h.message(
+                "a/r",
+                "<message to='b' id='2' type='chat'><body>two</body></message>"
+            )
+            .await
+            .0
+        );
+        let log = h.take();
+        assert_eq!(log.len(), 1);
+        let (to, err) = &log[0];
+        assert_eq!(*to, full("a/r"));
+        assert_eq!(
+            (err.attr("type"), err.attr("id"), err.attr("from")),
+            (Some("error"), Some("2"), Some("b@example.com"))
+        );
+        let e = err.get_child("error", ns::CLIENT).expect("error");
+        assert!(e.has_child("service-unavailable", ns::STANZAS));
+        assert_eq!(
+            e.get_child("text", ns::STANZAS).map(|t| t.text()),
+            Some(QUOTA_TEXT.into())
+        );
+        assert_eq!(stored(&h, "b").await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn hints_types_and_chat_states() {
+        let h = host();
+        online(&h, "a/r", "<presence/>").await;
+        let cases = [
+            ("<message to='b'><body>x</body><no-store xmlns='urn:xmpp:hints'/></message>", false),
+            ("<message to='b' type='headline'><body>news</body></message>", false),
+            ("<message to='b' type='headline'><body>news</body><store xmlns='urn:xmpp:hints'/></message>", false),
+            ("<message to='b' type='groupchat'><body>x</body></message>", false),
+            ("<message to='b' type='error'><body>x</body></message>", false),
+            ("<message to='b' type='chat'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>", true),
+        ];
+        for (xml, handled) in cases {
+            assert_eq!(h.message("a/r", xml).await.0, handled, "{xml}");
+        }
+        assert!(stored(&h, "b").await.is_empty());
+        assert!(h.take().is_empty(), "the chat state is dropped silently");
+
+        // Kept: a chat state with a body or a store hint, and a message without a body.
+        for xml in [
+            "<message to='b' type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/><body>hi</body></message>",
+            "<message to='b' type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/><store xmlns='urn:xmpp:hints'/></message>",
+            "<message to='b'><received xmlns='urn:xmpp:receipts' id='x'/></message>",
+        ] {
+            assert!(h.message("a/r", xml).await.0, "{xml}");
+        }
+        assert_eq!(stored(&h, "b").await.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn stored_as_the_hooks_left_it_without_forged_delays() {
+        let h = TestHost::with_modules(
+            &["a", "b"],
+            &[stanza_ids, MODULES[0], MODULES[1], MODULES[2], MODULES[3]],
+        );
+        online(&h, "a/r", "<presence/>").await;
+        h.message(
+            "a/r",
+            "<message to='b'><body>x</body>\
+             <delay xmlns='urn:xmpp:delay' from='example.com' stamp='2000-01-01T00:00:00Z'/>\
+             <delay xmlns='urn:xmpp:delay' from='elsewhere.example' stamp='2001-01-01T00:00:00Z'/></message>",
+        )
+        .await;
+        assert!(stored(&h, "b").await[0].contains("sid-1"));
+        h.bind("b/r");
+        h.presence("b/r", "<presence/>").await;
+        let got = messages(&h.take(), "b/r");
+        assert_eq!(got.len(), 1);
+        let el = &got[0];
+        assert_eq!(body(el), "x");
+        assert!(el.has_child("stanza-id", SID));
+        let delays: Vec<_> = el
+            .children()
+            .filter(|c| c.is("delay", ns::DELAY))
+            .map(|d| (d.attr("from").unwrap_or_default(), d.text()))
+            .collect();
+        assert_eq!(
+            delays,
+            [
+                ("elsewhere.example", String::new()),
+                ("example.com", "Offline Storage".to_owned())
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn unreadable_entries_are_dropped_and_the_rest_delivered() {
+        let h = host();
+        h.offline()
+            .push(&bare("b"), 1, "<message", 10)
+            .await
+            .expect("push");
+        h.offline()
+            .push(
+                &bare("b"),
+                2,
+                "<message xmlns='jabber:client' to='b@example.com'><body>ok</body></message>",
+                10,
+            )
+            .await
+            .expect("push");
+        h.bind("b/r");
+        h.presence("b/r", "<presence/>").await;
+        let got = messages(&h.take(), "b/r");
+        assert_eq!(got.iter().map(body).collect::<Vec<_>>(), ["ok"]);
+        assert_eq!(
+            delay(&got[0]).attr("stamp"),
+            Some("1970-01-01T00:00:00.000002Z")
+        );
+        assert!(stored(&h, "b").await.is_empty());
+    }
+
+    #[test]
+    fn advertises_msgoffline() {
+        let mut reg = Registry::new();
+        register(&mut reg);
+        assert!(reg.server_features().any(|f| f == "msgoffline"));
+        assert_eq!(reg.modules(), ["XEP-0160"]);
+    }
 }

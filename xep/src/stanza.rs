@@ -200,6 +200,19 @@ fn rxml_xml_ns() -> minidom::rxml::Namespace<'static> {
     minidom::rxml::Namespace::XML
 }
 
+/// Removes the child elements matching `pred`, keeping every other node in order.
+pub fn remove_children(el: &mut Element, pred: impl Fn(&Element) -> bool) {
+    if !el.children().any(&pred) {
+        return;
+    }
+    for node in el.take_nodes() {
+        match &node {
+            minidom::Node::Element(c) if pred(c) => {}
+            _ => el.append_node(node),
+        }
+    }
+}
+
 /// An attribute name known to be a valid NCName at compile time.
 ///
 /// minidom's builder takes `NcName`; every call site passes a literal, so the conversion cannot

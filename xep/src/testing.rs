@@ -524,3 +524,190 @@ impl ArchiveStore for NoArchive {
         Ok(0)
     }
 }
+
+/// A complete in-memory archive (XEP-0313) over ordered maps, keeping [`ArchiveStore`]'s cost
+/// contract in spirit: messages by key in a `BTreeMap`, a per-contact `BTreeSet` of keys, an id
+/// index and O(1) counters. Keys take a global sequence, so ties on the timestamp keep arrival
+/// order and ids are never reused, even after pruning.
+#[derive(Default)]
+pub struct MemArchive(Mutex<MemArchiveState>);
+
+type KeySet = std::collections::BTreeSet<ArchiveKey>;
+
+#[derive(Default)]
+struct MemArchiveState {
+    seq: u64,
+    owners: HashMap<BareJid, OwnerArchive>,
+}
+
+#[derive(Default)]
+struct OwnerArchive {
+    messages: BTreeMap<ArchiveKey, ArchivedMessage>,
+    by_with: HashMap<String, KeySet>,
+    ids: HashMap<String, ArchiveKey>,
+    bytes: u64,
+    prefs: Option<ArchivePrefs>,
+}
+
+impl OwnerArchive {
+    fn remove(&mut self, key: ArchiveKey) {
+        if let Some(m) = self.messages.remove(&key) {
+            self.ids.remove(&m.id);
+            self.bytes -= m.stanza.len() as u64;
+            if let Some(set) = self.by_with.get_mut(&m.with) {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.by_with.remove(&m.with);
+                }
+            }
+        }
+    }
+}
+
+/// The exclusive bounds of `range` for `BTreeMap::range`, or `None` when nothing fits (the
+/// standard library panics on an empty exclusive range).
+fn mem_bounds(
+    range: KeyRange,
+) -> Option<(std::ops::Bound<ArchiveKey>, std::ops::Bound<ArchiveKey>)> {
+    if let (Some(a), Some(b)) = (range.after, range.before) {
+        if a >= b {
+            return None;
+        }
+    }
+    let lo = range
+        .after
+        .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+    let hi = range
+        .before
+        .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+    Some((lo, hi))
+}
+
+/// An unpredictable 64-bit value (SipHash under the process's random keys).
+fn mem_random(seed: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(seed);
+    h.finish()
+}
+
+#[async_trait]
+impl ArchiveStore for MemArchive {
+    async fn append(
+        &self,
+        owner: &BareJid,
+        with: &Jid,
+        ts_micros: u64,
+        stanza: &str,
+    ) -> StoreResult<String> {
+        let mut st = lock(&self.0);
+        st.seq += 1;
+        let seq = st.seq;
+        let key = ArchiveKey { ts_micros, seq };
+        let id = format!("{seq:x}-{:016x}", mem_random(seq));
+        let with = with.to_bare().to_string();
+        let a = st.owners.entry(owner.clone()).or_default();
+        a.by_with.entry(with.clone()).or_default().insert(key);
+        a.ids.insert(id.clone(), key);
+        a.bytes += stanza.len() as u64;
+        a.messages.insert(
+            key,
+            ArchivedMessage {
+                id: id.clone(),
+                ts_micros,
+                with,
+                stanza: stanza.to_owned(),
+            },
+        );
+        Ok(id)
+    }
+    async fn scan(
+        &self,
+        owner: &BareJid,
+        with: Option<&BareJid>,
+        range: KeyRange,
+        reverse: bool,
+        limit: usize,
+    ) -> StoreResult<Vec<(ArchiveKey, ArchivedMessage)>> {
+        let st = lock(&self.0);
+        let (Some(a), Some(bounds)) = (st.owners.get(owner), mem_bounds(range)) else {
+            return Ok(Vec::new());
+        };
+        let keys: Box<dyn DoubleEndedIterator<Item = &ArchiveKey>> = match with {
+            None => Box::new(a.messages.range(bounds).map(|(k, _)| k)),
+            Some(w) => match a.by_with.get(w.as_str()) {
+                Some(set) => Box::new(set.range(bounds)),
+                None => return Ok(Vec::new()),
+            },
+        };
+        let keys: Box<dyn Iterator<Item = &ArchiveKey>> =
+            if reverse { Box::new(keys.rev()) } else { keys };
+        Ok(keys
+            .take(limit)
+            .map(|k| (*k, a.messages[k].clone()))
+            .collect())
+    }
+    async fn locate(&self, owner: &BareJid, id: &str) -> StoreResult<Option<ArchiveKey>> {
+        Ok(lock(&self.0)
+            .owners
+            .get(owner)
+            .and_then(|a| a.ids.get(id).copied()))
+    }
+    async fn get(&self, owner: &BareJid, key: ArchiveKey) -> StoreResult<Option<ArchivedMessage>> {
+        Ok(lock(&self.0)
+            .owners
+            .get(owner)
+            .and_then(|a| a.messages.get(&key).cloned()))
+    }
+    async fn count(&self, owner: &BareJid, with: Option<&BareJid>) -> StoreResult<u64> {
+        let st = lock(&self.0);
+        let Some(a) = st.owners.get(owner) else {
+            return Ok(0);
+        };
+        Ok(match with {
+            None => a.messages.len(),
+            Some(w) => a.by_with.get(w.as_str()).map_or(0, KeySet::len),
+        } as u64)
+    }
+    async fn prefs(&self, owner: &BareJid) -> StoreResult<ArchivePrefs> {
+        Ok(lock(&self.0)
+            .owners
+            .get(owner)
+            .and_then(|a| a.prefs.clone())
+            .unwrap_or_default())
+    }
+    async fn set_prefs(&self, owner: &BareJid, prefs: &ArchivePrefs) -> StoreResult<()> {
+        lock(&self.0).owners.entry(owner.clone()).or_default().prefs = Some(prefs.clone());
+        Ok(())
+    }
+    async fn size(&self, owner: &BareJid) -> StoreResult<(u64, u64)> {
+        Ok(lock(&self.0)
+            .owners
+            .get(owner)
+            .map_or((0, 0), |a| (a.messages.len() as u64, a.bytes)))
+    }
+    async fn prune(&self, owner: Option<&BareJid>, before_micros: u64) -> StoreResult<u64> {
+        let mut st = lock(&self.0);
+        let mut removed = 0;
+        for (who, a) in st.owners.iter_mut() {
+            if owner.is_some_and(|o| o != who) {
+                continue;
+            }
+            let old: Vec<ArchiveKey> = a
+                .messages
+                .range(
+                    ..ArchiveKey {
+                        ts_micros: before_micros,
+                        seq: 0,
+                    },
+                )
+                .map(|(k, _)| *k)
+                .collect();
+            removed += old.len() as u64;
+            for k in old {
+                a.remove(k);
+            }
+        }
+        Ok(removed)
+    }
+}
