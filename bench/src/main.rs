@@ -50,6 +50,9 @@ struct ArchiveArgs {
     /// Concurrent writers for the durable-append measurement.
     #[arg(long, default_value_t = 64)]
     writers: usize,
+    /// Fill without asking for group commits (to see the store's raw append rate).
+    #[arg(long)]
+    no_nudge: bool,
     /// Where to put the store (default: a temporary folder, removed afterwards).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
@@ -268,6 +271,8 @@ async fn archive(a: ArchiveArgs) -> anyhow::Result<()> {
     );
     (stores.flush)()?;
     drop(stores);
+    // The group-commit task holds the database until it sees its channel close.
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Reopen: disk use after a flush, and a cold cache for the queries.
     let stores = Stores::open_sled(&dir, Duration::from_millis(2), cache)?;
@@ -284,6 +289,13 @@ async fn archive(a: ArchiveArgs) -> anyhow::Result<()> {
         ..Config::default()
     };
     let server = Arc::new(Server::new(cfg, stores, None, rx));
+    // The querying session: results go to its queue, drained as a client would read them (the
+    // serialisation of each result is part of what is measured).
+    let (qtx, mut qrx) = tokio::sync::mpsc::channel(4096);
+    server
+        .sessions
+        .bind(&"owner@localhost/bench".parse()?, 1, qtx);
+    tokio::spawn(async move { while qrx.recv().await.is_some() {} });
 
     let samples = a.samples;
     let mut first = Vec::new();
