@@ -4,6 +4,7 @@
 //! answers for accounts that do not exist and domains we do not serve, then fires the modules'
 //! handlers. What no module claims gets the RFC's default: delivery to resources, or an error.
 
+use halyard_xep::ns;
 use halyard_xep::registry::{Flow, IqReply, IqScope, Target};
 use halyard_xep::stanza::n;
 use halyard_xep::{Kind, Stanza, StanzaError};
@@ -25,6 +26,15 @@ pub async fn from_client(server: &Server, sender: &FullJid, mut el: Element) {
         n("from"),
         sender.to_string(),
     );
+    // XEP-0203 §6: a client may not claim the server delayed its stanza.
+    if el.has_child("delay", ns::DELAY) {
+        let domains = &server.config.domains;
+        halyard_xep::stanza::remove_children(&mut el, |c| {
+            c.is("delay", ns::DELAY)
+                && c.attr("from")
+                    .is_some_and(|f| domains.iter().any(|d| d == f))
+        });
+    }
     let to = match el.attr("to").map(Jid::new) {
         None => None,
         Some(Ok(j)) => Some(j),

@@ -11,6 +11,7 @@ mod auth;
 mod chat;
 mod cli;
 mod durability;
+mod history;
 mod negotiation;
 mod roster_presence;
 mod routing;

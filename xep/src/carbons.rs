@@ -196,6 +196,13 @@ impl StanzaHook for Carbons {
         if targets.is_empty() && has_hint(&st.el, "no-store") {
             return Flow::Pass;
         }
+        // The recipient's copies carry the recipient's archive id, never the sender's.
+        let mut original = original;
+        if let Some(sender) = &sender {
+            if sender.to_bare() != recipient {
+                strip_stanza_ids_by(&mut original, sender.to_bare().as_str());
+            }
+        }
         for r in host.resources(&recipient) {
             let copy = r.carbons
                 && !targets.contains(&r.jid)

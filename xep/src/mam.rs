@@ -245,16 +245,41 @@ impl StanzaHook for ArchiveHook {
             recipient_id = append(host, &recipient, &sender, ts, &stanza).await;
         }
         // A message to oneself is stored once (XEP-0313 §6.1.1), in the archive above.
+        let mut sender_id = None;
         if sender != recipient && wants(host, &sender, &recipient, &recipient_jid).await {
-            append(host, &sender, &recipient, ts, &stanza).await;
+            sender_id = append(host, &sender, &recipient, ts, &stanza).await;
         }
-        if let Some(id) = recipient_id {
-            st.el.append_child(
-                Element::builder("stanza-id", SID)
-                    .attr(n("id"), id)
-                    .attr(n("by"), recipient.to_string())
-                    .build(),
-            );
+        for (id, by) in [(recipient_id, &recipient), (sender_id, &sender)] {
+            if let Some(id) = id {
+                st.el.append_child(
+                    Element::builder("stanza-id", SID)
+                        .attr(n("id"), id)
+                        .attr(n("by"), by.to_string())
+                        .build(),
+                );
+            }
+        }
+        Flow::Pass
+    }
+}
+
+/// Removes the sender's archive id before the message leaves for the recipient (XEP-0313 §3.5:
+/// ids only for those who can read the archive). It rides along until here so that the
+/// sender's carbon copies (XEP-0280, priority 50) carry it, as §3.5 recommends.
+struct HideSenderId;
+
+/// Below carbons (50), above offline storage (10) and delivery.
+pub const HIDE_SENDER_ID_PRIORITY: i32 = 20;
+
+#[async_trait]
+impl StanzaHook for HideSenderId {
+    async fn handle(&self, _host: &dyn Host, st: &mut Stanza, _target: Target) -> Flow {
+        let sender = st.from.to_bare();
+        let recipient = st.to.as_ref().map(|t| t.to_bare());
+        if st.kind == Kind::Message && recipient.is_some_and(|r| r != sender) {
+            crate::stanza::remove_children(&mut st.el, |c| {
+                c.is("stanza-id", SID) && c.attr("by") == Some(sender.as_str())
+            });
         }
         Flow::Pass
     }
@@ -828,6 +853,7 @@ impl IqHandler for MamIq {
 pub fn register(reg: &mut Registry) {
     reg.module("XEP-0313");
     reg.message_hook(HOOK_PRIORITY, Arc::new(ArchiveHook));
+    reg.message_hook(HIDE_SENDER_ID_PRIORITY, Arc::new(HideSenderId));
     reg.iq(IqScope::Account, NS, Arc::new(MamIq));
     reg.account_feature(NS);
     reg.account_feature(NS_EXTENDED);
