@@ -114,6 +114,10 @@ impl Host for Server {
         crate::router::route_trusted(self, el).await
     }
 
+    fn deliver_raw(&self, to: &FullJid, xml: String) -> bool {
+        self.sessions.send(to, bytes::Bytes::from(xml)) == Queued::Yes
+    }
+
     fn deliver(&self, to: &FullJid, el: &Element) -> bool {
         self.sessions.send(to, writer::to_bytes(el)) == Queued::Yes
     }

@@ -7,21 +7,7 @@ use minidom::Element;
 use super::StreamError;
 use halyard_xep::ns;
 
-fn esc(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.bytes()
-        .any(|b| matches!(b, b'<' | b'>' | b'&' | b'\'' | b'"'))
-    {
-        std::borrow::Cow::Owned(
-            s.replace('&', "&amp;")
-                .replace('<', "&lt;")
-                .replace('>', "&gt;")
-                .replace('\'', "&apos;")
-                .replace('"', "&quot;"),
-        )
-    } else {
-        std::borrow::Cow::Borrowed(s)
-    }
-}
+use halyard_xep::stanza::escape as esc;
 
 /// The server's stream header for TCP framing (RFC 6120 §4.7).
 pub fn stream_header(id: &str, from: &str, to: Option<&str>) -> String {

@@ -60,6 +60,10 @@ pub trait Host: Send + Sync {
     /// Hands `el` to one bound resource's outbound queue without running hooks. Returns false when
     /// the resource is not bound (or its queue refused it).
     fn deliver(&self, to: &FullJid, el: &Element) -> bool;
+    /// Like [`Host::deliver`] for a stanza already serialised: `xml` must be exactly one
+    /// well-formed element with its namespaces declared (e.g. composed around stored XML
+    /// without parsing it again, as archive results are).
+    fn deliver_raw(&self, to: &FullJid, xml: String) -> bool;
     /// The bound resources of an account on this node.
     fn resources(&self, user: &BareJid) -> Vec<ResourceInfo>;
     /// Records a resource's presence: `Some((stanza, priority))` when available, `None` when it

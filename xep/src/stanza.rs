@@ -200,6 +200,28 @@ fn rxml_xml_ns() -> minidom::rxml::Namespace<'static> {
     minidom::rxml::Namespace::XML
 }
 
+/// Escapes text for an XML attribute value in single quotes (or character data).
+pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s
+        .bytes()
+        .any(|b| matches!(b, b'<' | b'>' | b'&' | b'\'' | b'"'))
+    {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Removes the child elements matching `pred`, keeping every other node in order.
 pub fn remove_children(el: &mut Element, pred: impl Fn(&Element) -> bool) {
     if !el.children().any(&pred) {

@@ -387,6 +387,11 @@ impl Host for TestHost {
     async fn route(&self, el: Element) {
         lock(&self.routed).push(el);
     }
+    fn deliver_raw(&self, to: &FullJid, xml_: String) -> bool {
+        // The test log keeps elements, so the raw form is checked for well-formedness here.
+        let el: Element = xml_.parse().expect("deliver_raw: one well-formed element");
+        self.deliver(to, &el)
+    }
     fn deliver(&self, to: &FullJid, el: &Element) -> bool {
         if !lock(&self.sessions).contains_key(to) {
             return false;
