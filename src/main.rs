@@ -48,6 +48,18 @@ enum Cmd {
     Archive(ArchiveCmd),
     /// Validate the configuration and say how to fix what is wrong.
     CheckConfig,
+    /// Write every account and everything it owns to a XEP-0227 file, through a running
+    /// server's admin socket or directly from the store (docs/export-format.md).
+    Export {
+        /// The file to write (created with mode 0600), or `-` for stdout.
+        file: String,
+    },
+    /// Load a XEP-0227 file into the store (running or not). Refused, with nothing written, if
+    /// the file is malformed or names an account the store already holds data for.
+    Import {
+        /// The file to read, or `-` for stdin.
+        file: String,
+    },
 }
 
 #[derive(Args, Default)]
@@ -213,6 +225,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::User(u) => admin(&rt, &cli.global, user_request(u)?),
         Cmd::Archive(a) => admin(&rt, &cli.global, archive_request(a)?),
+        Cmd::Export { file } => portable(&rt, &cli.global, true, &file),
+        Cmd::Import { file } => portable(&rt, &cli.global, false, &file),
     }
 }
 
@@ -260,6 +274,78 @@ fn admin(rt: &tokio::runtime::Runtime, global: &Global, req: Request) -> anyhow:
         Some(e) => anyhow::bail!(e),
         None => Ok(()),
     }
+}
+
+/// `export` / `import`: the path is made absolute before it goes to a server; `-` goes through a
+/// temporary file in the data directory, which the server can reach.
+fn portable(
+    rt: &tokio::runtime::Runtime,
+    global: &Global,
+    export: bool,
+    file: &str,
+) -> anyhow::Result<()> {
+    let (cfg, _) = load_config(global)?;
+    init_logging(global.log.as_deref().unwrap_or("warn"));
+    let stdio = file == "-";
+    let path = if stdio {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+        let what = if export { "export" } else { "import" };
+        std::env::current_dir()
+            .context("the current directory")?
+            .join(&cfg.data_dir)
+            .join(format!(".{what}-{}.xml", std::process::id()))
+    } else {
+        std::env::current_dir()
+            .context("the current directory")?
+            .join(file)
+    };
+    let run = || -> anyhow::Result<()> {
+        if stdio && !export {
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            std::io::copy(&mut std::io::stdin().lock(), &mut f).context("reading stdin")?;
+        }
+        let p = path
+            .to_str()
+            .with_context(|| format!("{} is not a UTF-8 path", path.display()))?
+            .to_string();
+        let req = if export {
+            Request::Export { path: p }
+        } else {
+            Request::Import { path: p }
+        };
+        let resp = rt.block_on(admin_request(&cfg, req))?;
+        if stdio && export && resp.error.is_none() {
+            let mut f = std::fs::File::open(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let mut out = std::io::stdout().lock();
+            std::io::copy(&mut f, &mut out).context("writing stdout")?;
+            std::io::Write::flush(&mut out).context("writing stdout")?;
+        }
+        for l in &resp.lines {
+            // With the data on stdout, the summary goes to stderr.
+            if stdio && export {
+                eprintln!("{}", l.replace(&path.display().to_string(), "stdout"));
+            } else {
+                println!("{l}");
+            }
+        }
+        match resp.error {
+            Some(e) => anyhow::bail!(e),
+            None => Ok(()),
+        }
+    };
+    let r = run();
+    if stdio {
+        let _ = std::fs::remove_file(&path);
+    }
+    r
 }
 
 /// Through a running server's socket when there is one, else directly on the store.

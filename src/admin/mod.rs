@@ -6,6 +6,7 @@
 //! and runs it in-process on the opened store otherwise, so both paths share one implementation.
 
 pub mod archive;
+pub mod portability;
 pub mod socket;
 pub mod user;
 
@@ -36,6 +37,14 @@ pub enum Request {
     ArchivePrune {
         jid: Option<String>,
         older_than: String,
+    },
+    /// Writes everything stored to a XEP-0227 file at this absolute path.
+    Export {
+        path: String,
+    },
+    /// Loads a XEP-0227 file at this absolute path into the store.
+    Import {
+        path: String,
     },
 }
 
@@ -78,6 +87,8 @@ pub async fn execute(ctx: &Context<'_>, req: Request) -> Response {
         Request::ArchivePrune { jid, older_than } => {
             archive::prune(ctx, jid.as_deref(), &older_than).await
         }
+        Request::Export { path } => portability::export(ctx, &path).await,
+        Request::Import { path } => portability::import(ctx, &path).await,
     };
     match r {
         Ok(lines) => Response::ok(lines),

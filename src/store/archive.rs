@@ -19,12 +19,12 @@ use sled::Transactional;
 use super::trees;
 
 pub struct SledArchive {
-    db: sled::Db,
-    messages: sled::Tree,
-    by_with: sled::Tree,
-    ids: sled::Tree,
-    counts: sled::Tree,
-    prefs: sled::Tree,
+    pub(crate) db: sled::Db,
+    pub(crate) messages: sled::Tree,
+    pub(crate) by_with: sled::Tree,
+    pub(crate) ids: sled::Tree,
+    pub(crate) counts: sled::Tree,
+    pub(crate) prefs: sled::Tree,
 }
 
 fn err(context: &str) -> impl FnOnce(sled::Error) -> StoreError + '_ {
@@ -48,7 +48,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
         .unwrap_or(0)
 }
 
-fn key_bytes(k: ArchiveKey) -> [u8; 16] {
+pub(crate) fn key_bytes(k: ArchiveKey) -> [u8; 16] {
     let mut out = [0u8; 16];
     out[..8].copy_from_slice(&k.ts_micros.to_be_bytes());
     out[8..].copy_from_slice(&k.seq.to_be_bytes());
@@ -63,21 +63,21 @@ fn key_from(b: &[u8]) -> ArchiveKey {
 }
 
 /// `prefix ‖ key`.
-fn with_key(prefix: &[u8], k: ArchiveKey) -> Vec<u8> {
+pub(crate) fn with_key(prefix: &[u8], k: ArchiveKey) -> Vec<u8> {
     let mut v = prefix.to_vec();
     v.extend_from_slice(&key_bytes(k));
     v
 }
 
 /// `owner \0 with \0`.
-fn with_prefix(owner: &BareJid, with: &str) -> Vec<u8> {
+pub(crate) fn with_prefix(owner: &BareJid, with: &str) -> Vec<u8> {
     let mut p = trees::owner_key(owner.as_str(), with);
     p.push(0);
     p
 }
 
 /// Value of a message row: `id_len u8 ‖ id ‖ with_len u16 ‖ with ‖ stanza`.
-fn encode(id: &str, with: &str, stanza: &str) -> Vec<u8> {
+pub(crate) fn encode(id: &str, with: &str, stanza: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(3 + id.len() + with.len() + stanza.len());
     v.push(id.len() as u8);
     v.extend_from_slice(id.as_bytes());
@@ -103,7 +103,7 @@ fn decode(key: ArchiveKey, v: &[u8]) -> Option<ArchivedMessage> {
 }
 
 /// Adds `delta` to a (count, bytes) counter row inside a transaction.
-fn bump(
+pub(crate) fn bump(
     t: &TransactionalTree,
     key: &[u8],
     count: i64,

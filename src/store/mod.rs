@@ -7,6 +7,7 @@
 pub mod archive;
 pub mod group_commit;
 pub mod offline;
+pub mod restore;
 pub mod sled;
 pub mod trees;
 
@@ -64,6 +65,8 @@ pub struct Stores {
     pub last: Arc<dyn LastActivityStore>,
     pub archive: Arc<dyn ArchiveStore>,
     pub offline: Arc<dyn OfflineStore>,
+    /// Exact reads and writes for export and import (`halyard export|import`).
+    pub restore: Arc<dyn restore::Restore>,
     /// Group commit: waits until every earlier write is on disk.
     pub durable: Arc<group_commit::GroupCommit>,
     /// Makes every acknowledged write durable (called at shutdown).
@@ -87,6 +90,7 @@ impl Stores {
             roster: s.clone(),
             archive: s.archive.clone(),
             offline: s.offline.clone(),
+            restore: s.clone(),
             last: s,
             durable: Arc::new(group_commit::GroupCommit::start(db, group_commit)),
             flush: Arc::new(move || f.flush()),

@@ -10,9 +10,9 @@ use super::trees;
 
 pub struct SledOffline {
     /// `owner \0 seq_be` → `ts_be ‖ stanza`.
-    queue: sled::Tree,
+    pub(crate) queue: sled::Tree,
     /// owner → (next seq, count), both u64 BE.
-    meta: sled::Tree,
+    pub(crate) meta: sled::Tree,
 }
 
 fn err(context: &str) -> impl FnOnce(sled::Error) -> StoreError + '_ {

@@ -13,6 +13,7 @@ mod cli;
 mod durability;
 mod history;
 mod negotiation;
+mod portability;
 mod roster_presence;
 mod routing;
 mod services;
