@@ -171,6 +171,7 @@ fn stamp(micros: u64) -> String {
 /// Runs one query through the handler; returns (time, last id of the page, items).
 async fn run_query(
     server: &Server,
+    sink: &mut tokio::sync::mpsc::Receiver<halyard::sessions::Outbound>,
     el: Element,
 ) -> anyhow::Result<(Duration, Option<String>, usize)> {
     let handler = server
@@ -187,6 +188,8 @@ async fn run_query(
     let t = Instant::now();
     let reply = handler.handle(server, &st).await;
     let took = t.elapsed();
+    // What the client would read; emptied so the queue never fills across samples.
+    while sink.try_recv().is_ok() {}
     match reply {
         IqReply::Result(Some(fin)) => {
             let set = fin.get_child("set", "http://jabber.org/protocol/rsm");
@@ -198,6 +201,23 @@ async fn run_query(
         }
         IqReply::Result(None) => Ok((took, None, 0)),
         IqReply::Error(e) => anyhow::bail!("query failed: {e:?}"),
+    }
+}
+
+/// Opens the store again once the previous handle is gone (the group-commit task releases it
+/// when it sees its channel close, on another thread).
+async fn reopen(dir: &Path, cache: u64) -> anyhow::Result<Stores> {
+    let mut tries = 0;
+    loop {
+        match Stores::open_sled(dir, Duration::from_millis(2), cache) {
+            Ok(s) => return Ok(s),
+            Err(e) if tries < 100 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -271,11 +291,9 @@ async fn archive(a: ArchiveArgs) -> anyhow::Result<()> {
     );
     (stores.flush)()?;
     drop(stores);
-    // The group-commit task holds the database until it sees its channel close.
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Reopen: disk use after a flush, and a cold cache for the queries.
-    let stores = Stores::open_sled(&dir, Duration::from_millis(2), cache)?;
+    let stores = reopen(&dir, cache).await?;
     let disk = disk_bytes(&dir);
     println!(
         "disk: {} bytes for {} bytes of stanzas ({:.2}x raw)",
@@ -295,7 +313,6 @@ async fn archive(a: ArchiveArgs) -> anyhow::Result<()> {
     server
         .sessions
         .bind(&"owner@localhost/bench".parse()?, 1, qtx);
-    tokio::spawn(async move { while qrx.recv().await.is_some() {} });
 
     let samples = a.samples;
     let mut first = Vec::new();
@@ -304,17 +321,25 @@ async fn archive(a: ArchiveArgs) -> anyhow::Result<()> {
     let mut range = Vec::new();
     let mut random = Vec::new();
     for _ in 0..samples {
-        first.push(run_query(&server, query_iq("", "<max>50</max>")).await?.0);
+        first.push(
+            run_query(&server, &mut qrx, query_iq("", "<max>50</max>"))
+                .await?
+                .0,
+        );
         last.push(
-            run_query(&server, query_iq("", "<max>50</max><before/>"))
+            run_query(&server, &mut qrx, query_iq("", "<max>50</max><before/>"))
                 .await?
                 .0,
         );
         let c = &contacts[rng.gen_range(0..contacts.len())];
         with.push(
-            run_query(&server, query_iq(&field("with", c), "<max>50</max>"))
-                .await?
-                .0,
+            run_query(
+                &server,
+                &mut qrx,
+                query_iq(&field("with", c), "<max>50</max>"),
+            )
+            .await?
+            .0,
         );
         let at = start_ts + rng.gen_range(0..a.messages) * 1_000_000;
         let fields = format!(
@@ -323,7 +348,7 @@ async fn archive(a: ArchiveArgs) -> anyhow::Result<()> {
             field("end", &stamp(at + 3_600_000_000))
         );
         range.push(
-            run_query(&server, query_iq(&fields, "<max>50</max>"))
+            run_query(&server, &mut qrx, query_iq(&fields, "<max>50</max>"))
                 .await?
                 .0,
         );
@@ -331,6 +356,7 @@ async fn archive(a: ArchiveArgs) -> anyhow::Result<()> {
         random.push(
             run_query(
                 &server,
+                &mut qrx,
                 query_iq("", &format!("<max>50</max><after>{id}</after>")),
             )
             .await?
@@ -343,6 +369,7 @@ async fn archive(a: ArchiveArgs) -> anyhow::Result<()> {
     for _ in 0..100 {
         let (took, next, _) = run_query(
             &server,
+            &mut qrx,
             query_iq("", &format!("<max>50</max><after>{after}</after>")),
         )
         .await?;

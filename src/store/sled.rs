@@ -51,10 +51,6 @@ impl SledStore {
             .path(&path)
             .flush_every_ms(Some(200))
             .cache_capacity(cache_bytes)
-            // Pages are zstd-compressed on disk: XML compresses well, and sled otherwise
-            // amplifies space several times over (measured with `halyard-bench archive`).
-            .use_compression(true)
-            .compression_factor(3)
             .open()
             .map_err(|e| {
                 anyhow::anyhow!(
