@@ -17,6 +17,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::Transactional;
 
 use super::trees;
+use super::{err, u64_at};
 
 pub struct SledArchive {
     pub(crate) db: sled::Db,
@@ -27,25 +28,11 @@ pub struct SledArchive {
     pub(crate) prefs: sled::Tree,
 }
 
-fn err(context: &str) -> impl FnOnce(sled::Error) -> StoreError + '_ {
-    move |e| StoreError {
-        context: context.to_string(),
-        source: Box::new(e),
-    }
-}
-
 fn tx_err(context: &str) -> impl FnOnce(TransactionError<()>) -> StoreError + '_ {
     move |e| StoreError {
         context: context.to_string(),
         source: format!("{e:?}").into(),
     }
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0)
 }
 
 pub(crate) fn key_bytes(k: ArchiveKey) -> [u8; 16] {

@@ -21,6 +21,25 @@ use serde::{Deserialize, Serialize};
 
 use crate::sasl::scram::{Hash, StoredCredentials};
 
+/// Wraps a backend error with what was being done. The context is copied only on error, so the
+/// happy path allocates nothing.
+pub(crate) fn err<E: std::error::Error + Send + Sync + 'static>(
+    context: &str,
+) -> impl FnOnce(E) -> halyard_xep::host::StoreError + '_ {
+    move |e| halyard_xep::host::StoreError {
+        context: context.to_string(),
+        source: Box::new(e),
+    }
+}
+
+/// The big-endian u64 at `at`, or 0 when `b` is too short (a row written by an older layout).
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
 /// What is stored for an account: SCRAM credentials per hash (RFC 5802 §3), never the password.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Account {

@@ -7,26 +7,13 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use super::trees;
+use super::{err, u64_at};
 
 pub struct SledOffline {
     /// `owner \0 seq_be` → `ts_be ‖ stanza`.
     pub(crate) queue: sled::Tree,
     /// owner → (next seq, count), both u64 BE.
     pub(crate) meta: sled::Tree,
-}
-
-fn err(context: &str) -> impl FnOnce(sled::Error) -> StoreError + '_ {
-    move |e| StoreError {
-        context: context.to_string(),
-        source: Box::new(e),
-    }
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0)
 }
 
 impl SledOffline {

@@ -24,7 +24,7 @@ use sled::Transactional;
 
 use super::archive::{bump, encode as encode_archived, key_bytes, with_key, with_prefix};
 use super::sled::SledStore;
-use super::{trees, Account, AccountError};
+use super::{err, trees, u64_at, Account, AccountError};
 
 #[async_trait]
 pub trait Restore: Send + Sync {
@@ -83,13 +83,6 @@ pub trait Restore: Send + Sync {
     async fn flush(&self) -> StoreResult<()>;
 }
 
-fn err(context: &str) -> impl FnOnce(sled::Error) -> StoreError + '_ {
-    move |e| StoreError {
-        context: context.to_string(),
-        source: Box::new(e),
-    }
-}
-
 fn fail(context: &str, msg: impl Into<String>) -> StoreError {
     StoreError {
         context: context.to_string(),
@@ -106,13 +99,6 @@ fn tx_err(context: &str, conflict: &str) -> impl FnOnce(TransactionError<()>) ->
             source: Box::new(e),
         },
     }
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0)
 }
 
 fn pair(a: u64, b: u64) -> [u8; 16] {

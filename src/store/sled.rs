@@ -12,6 +12,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use super::trees;
+use super::{err, u64_at};
 use super::{Account, AccountError, AccountStore};
 
 pub struct SledStore {
@@ -24,22 +25,12 @@ pub struct SledStore {
     pub(crate) last: sled::Tree,
 }
 
-fn err<E: std::error::Error + Send + Sync + 'static>(
-    context: impl Into<String>,
-) -> impl FnOnce(E) -> StoreError {
-    let context = context.into();
-    move |e| StoreError {
-        context,
-        source: Box::new(e),
-    }
-}
-
 fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> StoreResult<T> {
-    serde_json::from_slice(bytes).map_err(err(format!("decoding {what}")))
+    serde_json::from_slice(bytes).map_err(err(&format!("decoding {what}")))
 }
 
 fn encode<T: serde::Serialize>(what: &str, v: &T) -> StoreResult<Vec<u8>> {
-    serde_json::to_vec(v).map_err(err(format!("encoding {what}")))
+    serde_json::to_vec(v).map_err(err(&format!("encoding {what}")))
 }
 
 impl SledStore {
@@ -86,7 +77,7 @@ impl SledStore {
             .flush_async()
             .await
             .map(|_| ())
-            .map_err(err(format!("flushing after {what}")))
+            .map_err(err(&format!("flushing after {what}")))
     }
 
     /// Applies a roster change and bumps the version in one transaction.
@@ -105,7 +96,7 @@ impl SledStore {
                 };
                 let cur = versions
                     .get(&owner)?
-                    .map(|v| be_u64(v.as_ref()))
+                    .map(|v| u64_at(v.as_ref(), 0))
                     .unwrap_or(0);
                 let next = cur + 1;
                 versions.insert(owner.as_slice(), &next.to_be_bytes())?;
@@ -118,13 +109,6 @@ impl SledStore {
         self.flush_async("roster change").await?;
         Ok(ver)
     }
-}
-
-fn be_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    let n = b.len().min(8);
-    a[8 - n..].copy_from_slice(&b[b.len() - n..]);
-    u64::from_be_bytes(a)
 }
 
 #[async_trait]
@@ -255,7 +239,7 @@ impl RosterStore for SledStore {
             .roster_version
             .get(user.as_str())
             .map_err(err("reading roster version"))?
-            .map(|v| be_u64(&v))
+            .map(|v| u64_at(&v, 0))
             .unwrap_or(0))
     }
 }
