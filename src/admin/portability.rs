@@ -65,9 +65,7 @@ fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
 
-fn n(name: &'static str) -> rxml::NcName {
-    rxml::NcName::try_from(name).expect("attribute literal is a valid NCName")
-}
+use halyard_xep::stanza::n;
 
 fn now_micros() -> u64 {
     std::time::SystemTime::now()
@@ -809,7 +807,10 @@ impl Parser {
                     .process_event(ev)
                     .map_err(|e| format!("in an element: {e}"))?;
                 if done {
-                    let rec = self.record.take().expect("record");
+                    let rec = self
+                        .record
+                        .take()
+                        .ok_or("internal error: no element being read")?;
                     let mut el = rec
                         .builder
                         .root
@@ -1001,7 +1002,12 @@ impl Parser {
                 if self.sources.len() > MAX_INCLUDE_DEPTH {
                     return Err("XInclude nests too deep".into());
                 }
-                let base = self.sources.last().expect("source").path.clone();
+                let base = self
+                    .sources
+                    .last()
+                    .ok_or("internal error: no source file")?
+                    .path
+                    .clone();
                 let rel = Path::new(&href);
                 if href.contains("://") || rel.is_absolute() {
                     return Err(format!(
