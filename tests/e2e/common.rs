@@ -441,3 +441,39 @@ pub fn stanza_error(el: &Element) -> Option<String> {
         .find(|c| c.ns() == NS_STANZAS && c.name() != "text")
         .map(|c| c.name().to_string())
 }
+
+/// How long a test listens to conclude that nothing more arrives.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+/// The text of a message's `<body/>`.
+pub fn body(e: &Element) -> Option<String> {
+    e.get_child("body", NS_CLIENT).map(|b| b.text())
+}
+
+/// Every non-presence element that arrives within `wait` (presence is skipped: other resources
+/// coming online broadcast it).
+pub async fn non_presence_within(c: &mut RawClient, wait: Duration) -> Vec<Element> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut got = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return got;
+        }
+        match c.recv_quiet(left).await {
+            Some(e) if e.name() != "presence" => got.push(e),
+            Some(_) => {}
+            None => return got,
+        }
+    }
+}
+
+/// Asserts that nothing but presence arrives within [`QUIET`].
+pub async fn assert_nothing(c: &mut RawClient, what: &str) {
+    let got = non_presence_within(c, QUIET).await;
+    assert!(
+        got.is_empty(),
+        "{what}: expected nothing, got {:?}",
+        got.iter().map(xml).collect::<Vec<_>>()
+    );
+}

@@ -4,17 +4,11 @@
 
 use std::time::Duration;
 
-use minidom::Element;
-
 use super::cli::{login_at, Env};
 use super::common::*;
 
 const MAM: &str = "urn:xmpp:mam:2";
 const SID: &str = "urn:xmpp:sid:0";
-
-fn body(el: &Element) -> Option<String> {
-    el.get_child("body", NS_CLIENT).map(|b| b.text())
-}
 
 /// Round trip on `c`'s own stream: once the answer arrives, everything sent before it has been
 /// routed (a session processes its stanzas in order).

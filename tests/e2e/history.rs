@@ -14,8 +14,6 @@ use minidom::Element;
 use super::common::*;
 
 const PW: &str = "pw";
-/// How long a test listens to conclude that nothing was sent.
-const QUIET: Duration = Duration::from_millis(300);
 
 const MAM: &str = "urn:xmpp:mam:2";
 const MAM_EXTENDED: &str = "urn:xmpp:mam:2#extended";
@@ -103,36 +101,6 @@ async fn logout(mut c: RawClient) {
             break;
         }
     }
-}
-
-/// Every non-presence element that arrives within `wait`.
-async fn non_presence_within(c: &mut RawClient, wait: Duration) -> Vec<Element> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut got = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            return got;
-        }
-        match c.recv_quiet(left).await {
-            Some(e) if e.name() != "presence" => got.push(e),
-            Some(_) => {}
-            None => return got,
-        }
-    }
-}
-
-async fn assert_nothing(c: &mut RawClient, what: &str) {
-    let got = non_presence_within(c, QUIET).await;
-    assert!(
-        got.is_empty(),
-        "{what}: expected nothing, got {:?}",
-        got.iter().map(xml).collect::<Vec<_>>()
-    );
-}
-
-fn body(e: &Element) -> Option<String> {
-    e.get_child("body", NS_CLIENT).map(|b| b.text())
 }
 
 async fn send_chat(c: &mut RawClient, to: &str, id: &str, text: &str) {

@@ -17,8 +17,6 @@ const NS_ROSTER_VER: &str = "urn:xmpp:features:rosterver";
 const NS_PRE_APPROVAL: &str = "urn:xmpp:features:pre-approval";
 /// How long a test waits for a stanza it expects.
 const WAIT: Duration = Duration::from_secs(5);
-/// How long a test listens to show that a stanza does not come.
-const QUIET: Duration = Duration::from_millis(300);
 
 fn bare(user: &str) -> String {
     format!("{user}@{DOMAIN}")

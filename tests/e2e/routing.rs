@@ -1,14 +1,9 @@
 //! Stanza routing and delivery: RFC 6120 §8 (stanza semantics), §10 (server rules for processing
 //! XML stanzas) and RFC 6121 §8 (delivery rules for instant messaging).
 
-use std::time::Duration;
-
 use minidom::Element;
 
 use super::common::*;
-
-/// How long a test listens to conclude that nothing was sent.
-const QUIET: Duration = Duration::from_millis(300);
 
 const PW: &str = "pw";
 
@@ -71,36 +66,6 @@ async fn online(s: &TestServer, user: &str, res: &str, priority: Option<i8>) -> 
 /// The next message or iq (presence is skipped: other resources coming online broadcast it).
 async fn recv_non_presence(c: &mut RawClient) -> Element {
     c.recv_until(|e| e.name() != "presence").await
-}
-
-/// Every non-presence element that arrives within [`QUIET`].
-async fn non_presence_within(c: &mut RawClient, wait: Duration) -> Vec<Element> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut got = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            return got;
-        }
-        match c.recv_quiet(left).await {
-            Some(e) if e.name() != "presence" => got.push(e),
-            Some(_) => {}
-            None => return got,
-        }
-    }
-}
-
-async fn assert_nothing(c: &mut RawClient, what: &str) {
-    let got = non_presence_within(c, QUIET).await;
-    assert!(
-        got.is_empty(),
-        "{what}: expected nothing, got {:?}",
-        got.iter().map(xml).collect::<Vec<_>>()
-    );
-}
-
-fn body(e: &Element) -> Option<String> {
-    e.get_child("body", NS_CLIENT).map(|b| b.text())
 }
 
 /// Asserts `e` is a `name` error stanza with `condition`, answering `id`.
