@@ -99,6 +99,10 @@ pub async fn dispatch(server: &Server, mut st: Stanza) {
     let (target, owner) = match &st.to {
         None => (Target::Bare, Some(sender_bare.clone())),
         Some(to) => {
+            if let Some(component) = server.registry.component_for(to.domain().as_str()) {
+                component.handle(server, st).await;
+                return;
+            }
             if !server
                 .config
                 .domains
@@ -221,9 +225,12 @@ async fn route_iq(server: &Server, st: Stanza, target: Target, owner: Option<Bar
             }
         }
         "result" | "error" => {
-            // Replies to the server's own requests (pings) need no routing; replies to a full
-            // JID go to that resource, or nowhere (RFC 6120 §8.3.1: never answer them).
-            if target == Target::Full {
+            // Replies to the server's own requests go to whoever waits for them (pings wait
+            // for nothing); replies to a full JID go to that resource, or nowhere (RFC 6120
+            // §8.3.1: never answer them).
+            if target == Target::Host {
+                server.answer(&st);
+            } else if target == Target::Full {
                 if let Some(Ok(full)) = st.to.as_ref().map(|t| t.try_as_full()) {
                     server.sessions.send(full, writer::to_bytes(&st.el));
                 }

@@ -40,6 +40,15 @@ pub struct Server {
     pub connections: AtomicU64,
     pub shutdown: watch::Receiver<bool>,
     settings: ModuleSettings,
+    /// The server's own iq requests ([`Host::request`]) waiting for their answer, by id.
+    pending: dashmap::DashMap<String, PendingRequest>,
+}
+
+/// An iq the server sent and whose result or error it awaits.
+struct PendingRequest {
+    /// Who must answer: a reply from anyone else is not taken as the answer.
+    to: Jid,
+    reply: tokio::sync::oneshot::Sender<Element>,
 }
 
 impl Server {
@@ -76,6 +85,7 @@ impl Server {
             connections: AtomicU64::new(0),
             shutdown,
             settings,
+            pending: dashmap::DashMap::new(),
         }
     }
 
@@ -85,6 +95,18 @@ impl Server {
 
     pub fn domain(&self) -> &str {
         self.config.primary_domain()
+    }
+
+    /// Takes an iq result or error addressed to the server as the answer to one of its requests.
+    /// Returns false when it answers nothing we asked (it is then dropped, RFC 6120 §8.2.3).
+    pub fn answer(&self, reply: &Stanza) -> bool {
+        let Some(id) = reply.id() else {
+            return false;
+        };
+        let Some((_, p)) = self.pending.remove_if(id, |_, p| p.to == reply.from) else {
+            return false;
+        };
+        p.reply.send(reply.el.clone()).is_ok()
     }
 
     /// Sends `el` to a local full JID; anything else (the server itself, a bare JID) is dropped.
@@ -112,6 +134,31 @@ impl Host for Server {
 
     async fn route(&self, el: Element) {
         crate::router::route_trusted(self, el).await
+    }
+
+    async fn request(&self, mut iq: Element, timeout: Duration) -> Option<Element> {
+        let id = format!("h{}", self.next_conn_id());
+        let to = iq.attr("to").and_then(|t| Jid::new(t).ok())?;
+        iq.set_attr(
+            minidom::rxml::Namespace::NONE,
+            halyard_xep::stanza::n("id"),
+            id.clone(),
+        );
+        if iq.attr("from").is_none() {
+            let from = self.domain().to_owned();
+            iq.set_attr(
+                minidom::rxml::Namespace::NONE,
+                halyard_xep::stanza::n("from"),
+                from,
+            );
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pending
+            .insert(id.clone(), PendingRequest { to, reply: tx });
+        crate::router::route_trusted(self, iq).await;
+        let answer = tokio::time::timeout(timeout, rx).await;
+        self.pending.remove(&id);
+        answer.ok().and_then(Result::ok)
     }
 
     fn deliver_raw(&self, to: &FullJid, xml: String) -> bool {

@@ -157,6 +157,10 @@ impl Sessions {
                     presence: e.presence.clone(),
                     roster_interested: e.roster_interested,
                     carbons: e.carbons,
+                    // Stream management and client state arrive with their modules.
+                    hibernating: false,
+                    inactive: false,
+                    unacked_since: None,
                 })
             })
             .collect()

@@ -93,15 +93,27 @@ struct Items;
 
 #[async_trait]
 impl IqHandler for Items {
-    async fn handle(&self, _host: &dyn Host, iq: &Stanza) -> IqReply {
+    async fn handle(&self, host: &dyn Host, iq: &Stanza) -> IqReply {
         if iq.type_() != "get" {
             return IqReply::Error(StanzaError::BadRequest(None));
         }
         if iq.payload().and_then(|q| q.attr("node")).is_some() {
             return IqReply::Error(StanzaError::ItemNotFound(None));
         }
-        // No components yet (upload, push come with their issues): an empty, valid list.
-        IqReply::Result(Some(Element::bare("query", ns::DISCO_ITEMS)))
+        let mut q = Element::builder("query", ns::DISCO_ITEMS);
+        // The server's components are its items; an account has none to show.
+        let to_server = iq.to.as_ref().is_some_and(|t| t.node().is_none());
+        if to_server {
+            for (domain, c) in host.registry().components() {
+                q = q.append(
+                    Element::builder("item", ns::DISCO_ITEMS)
+                        .attr(n("jid"), domain)
+                        .attr(n("name"), c.name())
+                        .build(),
+                );
+            }
+        }
+        IqReply::Result(Some(q.build()))
     }
 }
 

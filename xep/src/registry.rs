@@ -79,6 +79,16 @@ pub trait SessionHook: Send + Sync {
     }
 }
 
+/// A service on its own domain inside this server (XEP-0114's idea without the socket): the push
+/// app server `push.<domain>`, later upload and MUC. The router hands it every stanza addressed
+/// to its domain (with or without node and resource); it answers through [`Host::route`].
+#[async_trait]
+pub trait Component: Send + Sync {
+    /// Its name in the server's disco#items.
+    fn name(&self) -> &str;
+    async fn handle(&self, host: &dyn Host, stanza: Stanza);
+}
+
 /// A disco identity (XEP-0030 §3.1).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Identity {
@@ -99,6 +109,7 @@ pub struct Registry {
     server_identities: BTreeSet<Identity>,
     stream_features: Vec<Element>,
     modules: Vec<&'static str>,
+    components: Vec<(String, Arc<dyn Component>)>,
 }
 
 impl Registry {
@@ -190,6 +201,30 @@ impl Registry {
 
     pub fn stream_features(&self) -> &[Element] {
         &self.stream_features
+    }
+
+    /// Registers a component serving `domain` (e.g. `push.example.org`).
+    ///
+    /// # Panics
+    /// When two components claim one domain: a configuration mistake caught at startup.
+    pub fn component(&mut self, domain: String, handler: Arc<dyn Component>) {
+        assert!(
+            self.component_for(&domain).is_none(),
+            "two components for {domain}"
+        );
+        self.components.push((domain, handler));
+    }
+
+    pub fn component_for(&self, domain: &str) -> Option<&Arc<dyn Component>> {
+        self.components
+            .iter()
+            .find(|(d, _)| d == domain)
+            .map(|(_, c)| c)
+    }
+
+    /// Components as `(domain, handler)`, in registration order (for disco#items).
+    pub fn components(&self) -> impl Iterator<Item = (&str, &Arc<dyn Component>)> {
+        self.components.iter().map(|(d, c)| (d.as_str(), c))
     }
 }
 

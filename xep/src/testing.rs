@@ -73,6 +73,9 @@ pub struct Session {
     pub presence: Option<Element>,
     pub interested: bool,
     pub carbons: bool,
+    pub hibernating: bool,
+    pub inactive: bool,
+    pub unacked_since: Option<std::time::Instant>,
 }
 
 /// A user's roster version and items by contact.
@@ -187,6 +190,10 @@ pub struct TestHost {
     pub settings: ModuleSettings,
     delivered: Mutex<Vec<(FullJid, Element)>>,
     routed: Mutex<Vec<Element>>,
+    /// Replies [`Host::request`] hands out, oldest first (`None` in the queue = a timeout).
+    pub request_replies: Mutex<std::collections::VecDeque<Option<Element>>>,
+    /// Every iq sent with [`Host::request`].
+    pub requests: Mutex<Vec<Element>>,
 }
 
 impl TestHost {
@@ -217,6 +224,8 @@ impl TestHost {
             last: MemLast::default(),
             delivered: Mutex::default(),
             routed: Mutex::default(),
+            request_replies: Mutex::default(),
+            requests: Mutex::default(),
         }
     }
 
@@ -387,6 +396,10 @@ impl Host for TestHost {
     async fn route(&self, el: Element) {
         lock(&self.routed).push(el);
     }
+    async fn request(&self, iq: Element, _timeout: std::time::Duration) -> Option<Element> {
+        lock(&self.requests).push(iq);
+        lock(&self.request_replies).pop_front().flatten()
+    }
     fn deliver_raw(&self, to: &FullJid, xml_: String) -> bool {
         // The test log keeps elements, so the raw form is checked for well-formedness here.
         let el: Element = xml_.parse().expect("deliver_raw: one well-formed element");
@@ -409,6 +422,9 @@ impl Host for TestHost {
                 presence: s.presence.clone(),
                 roster_interested: s.interested,
                 carbons: s.carbons,
+                hibernating: s.hibernating,
+                inactive: s.inactive,
+                unacked_since: s.unacked_since,
             })
             .collect()
     }
