@@ -225,15 +225,14 @@ async fn route_iq(server: &Server, st: Stanza, target: Target, owner: Option<Bar
             }
         }
         "result" | "error" => {
-            // Replies to the server's own requests go to whoever waits for them (pings wait
-            // for nothing); replies to a full JID go to that resource, or nowhere (RFC 6120
-            // §8.3.1: never answer them).
-            if target == Target::Host {
+            // Replies to the server's own requests (sent from the domain, or from a user's bare
+            // JID as XEP-0357 publishes are) go to whoever waits for them, pings wait for
+            // nothing; replies to a full JID go to that resource, or nowhere (RFC 6120 §8.3.1:
+            // never answer them).
+            if target != Target::Full {
                 server.answer(&st);
-            } else if target == Target::Full {
-                if let Some(Ok(full)) = st.to.as_ref().map(|t| t.try_as_full()) {
-                    server.sessions.send(full, writer::to_bytes(&st.el));
-                }
+            } else if let Some(Ok(full)) = st.to.as_ref().map(|t| t.try_as_full()) {
+                server.sessions.send(full, writer::to_bytes(&st.el));
             }
         }
         _ => bounce(
