@@ -38,6 +38,7 @@ use minidom::{Element, Node};
 
 use super::Context;
 use crate::sasl::scram::StoredCredentials;
+use crate::store::archive::Running;
 use crate::store::{Account, AccountError, Stores};
 
 pub const NS_PIE: &str = "urn:xmpp:pie:0";
@@ -588,6 +589,11 @@ async fn write_user<W: Write + Send>(
             o.attr("ts", &k.ts_micros.to_string())?;
             o.attr("seq", &k.seq.to_string())?;
             o.attr("with", &m.with)?;
+            if let Some(r) = stores.restore.archive_running(jid, *k).await? {
+                o.attr("ord", &r.ord.to_string())?;
+                o.attr("with-ord", &r.with_ord.to_string())?;
+                o.attr("bytes-before", &r.prev_cum.to_string())?;
+            }
             o.push("/></result>\n");
             stats.archived += 1;
         }
@@ -1516,6 +1522,14 @@ impl<'a> Importer<'a> {
         let fwd = el
             .get_child("forwarded", NS_FORWARD)
             .with_context(|| format!("archive result {id}: no <forwarded/>"))?;
+        let running = match el.get_child("archived", NS_EXT) {
+            Some(m) if m.attr("ord").is_some() => Some(Running {
+                ord: attr_u64(m, "ord")?,
+                with_ord: attr_u64(m, "with-ord")?,
+                prev_cum: attr_u64(m, "bytes-before")?,
+            }),
+            _ => None,
+        };
         let (ts_micros, seq, with, stanza) = match el.get_child("archived", NS_EXT) {
             Some(m) => {
                 let st = fwd
@@ -1580,7 +1594,14 @@ impl<'a> Importer<'a> {
             self.ctx
                 .stores
                 .restore
-                .put_archived(&owner, ArchiveKey { ts_micros, seq }, &id, &with, &stanza)
+                .put_archived(
+                    &owner,
+                    ArchiveKey { ts_micros, seq },
+                    &id,
+                    &with,
+                    &stanza,
+                    running,
+                )
                 .await
                 .map_err(flat)?;
         }

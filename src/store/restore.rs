@@ -22,7 +22,7 @@ use jid::BareJid;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use super::archive::{bump, encode as encode_archived, key_bytes, with_key, with_prefix};
+use super::archive::Running;
 use super::sled::SledStore;
 use super::{err, trees, u64_at, Account, AccountError};
 
@@ -51,9 +51,10 @@ pub trait Restore: Send + Sync {
     /// Stores a roster item as given, without bumping the roster version.
     async fn put_roster_item(&self, user: &BareJid, item: &RosterItem) -> StoreResult<()>;
     async fn set_roster_version(&self, user: &BareJid, version: u64) -> StoreResult<()>;
-    /// Inserts an archived message under its exact key and stable id, updating the id map, the
-    /// per-contact index and the counters exactly as `ArchiveStore::append` does. Fails if the
-    /// key or the id is already in `owner`'s archive.
+    /// Inserts an archived message under its exact key and stable id, with the running values
+    /// (ordinals, byte total) it had when exported, or, for an export that has none, the ones
+    /// `ArchiveStore::append` would give it (rows must then come oldest first). Fails if the key
+    /// or the id is already in `owner`'s archive.
     async fn put_archived(
         &self,
         owner: &BareJid,
@@ -61,7 +62,14 @@ pub trait Restore: Send + Sync {
         id: &str,
         with: &str,
         stanza: &str,
+        running: Option<Running>,
     ) -> StoreResult<()>;
+    /// The running values stored with an archived message, for an exact export.
+    async fn archive_running(
+        &self,
+        owner: &BareJid,
+        key: ArchiveKey,
+    ) -> StoreResult<Option<Running>>;
     /// Stores the preferences row as given (not flushed).
     async fn set_archive_prefs(&self, owner: &BareJid, prefs: &ArchivePrefs) -> StoreResult<()>;
     /// Queues an offline message under its exact sequence number and time, updating the
@@ -161,12 +169,7 @@ impl Restore for SledStore {
         ] {
             keyed_owners(t, &mut raw)?;
         }
-        for t in [
-            &self.roster,
-            &self.offline.queue,
-            &self.archive.messages,
-            &self.archive.counts,
-        ] {
+        for t in [&self.roster, &self.offline.queue, &self.archive.messages] {
             prefixed_owners(t, &mut raw)?;
         }
         let mut out = Vec::with_capacity(raw.len());
@@ -239,7 +242,6 @@ impl Restore for SledStore {
             &self.archive.messages,
             &self.archive.by_with,
             &self.archive.ids,
-            &self.archive.counts,
         ] {
             if has_prefix(t, &prefix)? {
                 return Ok(true);
@@ -288,6 +290,7 @@ impl Restore for SledStore {
         id: &str,
         with: &str,
         stanza: &str,
+        running: Option<Running>,
     ) -> StoreResult<()> {
         const CTX: &str = "restoring an archived message";
         if id.is_empty() || id.len() > u8::MAX as usize {
@@ -297,33 +300,30 @@ impl Restore for SledStore {
             return Err(fail(CTX, "the `with` JID is longer than 65535 bytes"));
         }
         let a = &self.archive;
-        let value = encode_archived(id, with, stanza);
-        let prefix = trees::owner_prefix(owner.as_str());
-        let wprefix = with_prefix(owner, with);
-        let count_with = trees::owner_key(owner.as_str(), with);
-        let id_key = trees::owner_key(owner.as_str(), id);
-        let mkey = with_key(&prefix, key);
-        let len = value.len() as i64;
-        (&a.messages, &a.by_with, &a.ids, &a.counts)
-            .transaction(|(m, w, i, c)| {
-                if m.get(mkey.as_slice())?.is_some() || i.get(id_key.as_slice())?.is_some() {
-                    return Err(ConflictableTransactionError::Abort(()));
-                }
-                m.insert(mkey.as_slice(), value.as_slice())?;
-                w.insert(with_key(&wprefix, key), &[][..])?;
-                i.insert(id_key.as_slice(), &key_bytes(key)[..])?;
-                bump(c, &prefix, 1, len)?;
-                bump(c, &count_with, 1, len)?;
-                Ok(())
-            })
-            .map_err(tx_err(
+        let _guard = a.lock(owner);
+        let taken = a.has_key(owner, key)? || a.find_id(owner, id)?.is_some();
+        if taken {
+            return Err(fail(
                 CTX,
                 format!(
                     "{owner}'s archive already holds id {id:?} or key ({}, {})",
                     key.ts_micros, key.seq
-                )
-                .as_str(),
-            ))
+                ),
+            ));
+        }
+        let run = match running {
+            Some(r) => r,
+            None => a.next_running(owner, with)?.0,
+        };
+        a.write_rows(owner, key, id, with, stanza, run)
+    }
+
+    async fn archive_running(
+        &self,
+        owner: &BareJid,
+        key: ArchiveKey,
+    ) -> StoreResult<Option<Running>> {
+        self.archive.running(owner, key)
     }
 
     async fn set_archive_prefs(&self, owner: &BareJid, prefs: &ArchivePrefs) -> StoreResult<()> {
@@ -467,13 +467,14 @@ mod tests {
             .await
             .unwrap();
         for (k, m) in &all {
-            b.put_archived(&me, *k, &m.id, &m.with, &m.stanza)
+            let run = a.archive_running(&me, *k).await.unwrap();
+            b.put_archived(&me, *k, &m.id, &m.with, &m.stanza, run)
                 .await
                 .unwrap();
         }
         let (k, m) = &all[0];
         assert!(
-            b.put_archived(&me, *k, "other", &m.with, "<x/>")
+            b.put_archived(&me, *k, "other", &m.with, "<x/>", None)
                 .await
                 .is_err(),
             "an existing key is refused"
@@ -482,7 +483,6 @@ mod tests {
             (&a.archive.messages, &b.archive.messages),
             (&a.archive.by_with, &b.archive.by_with),
             (&a.archive.ids, &b.archive.ids),
-            (&a.archive.counts, &b.archive.counts),
         ] {
             let ra: Vec<_> = ta.iter().map(|r| r.unwrap()).collect();
             let rb: Vec<_> = tb.iter().map(|r| r.unwrap()).collect();

@@ -20,7 +20,6 @@ pub const OWNED_BY_ACCOUNT: &[&str] = &[
     ARCHIVE,
     ARCHIVE_WITH,
     ARCHIVE_IDS,
-    ARCHIVE_COUNTS,
     ARCHIVE_PREFS,
 ];
 
@@ -44,14 +43,13 @@ pub const OFFLINE: &str = "offline";
 /// Owner bare JID → `next_seq_be ‖ count_be`.
 pub const OFFLINE_META: &str = "offline_meta";
 
-/// `owner \0 ts_be seq_be` → `id_len ‖ id ‖ with_len_be16 ‖ with ‖ stanza XML` (XEP-0313).
+/// `owner \0 ts_be seq_be` → `ord ‖ cum_bytes ‖ id ‖ with ‖ stanza (LZ4)` (XEP-0313; exact
+/// layout in archive.rs).
 pub const ARCHIVE: &str = "archive";
-/// `owner \0 with \0 ts_be seq_be` → empty: the per-contact index of `archive`.
+/// `owner \0 with \0 ts_be seq_be` → `with_ord_be`: the per-contact index of `archive`.
 pub const ARCHIVE_WITH: &str = "archive_with";
-/// `owner \0 stable_id` → `ts_be seq_be`.
+/// `owner \0 stable_id` → `ts_be seq_be`, only for ids imported from another server (ours
+/// carry their key).
 pub const ARCHIVE_IDS: &str = "archive_ids";
-/// `owner \0` → `count_be ‖ bytes_be` of the whole archive; `owner \0 with` → the same per
-/// contact. Kept so that counts never scan.
-pub const ARCHIVE_COUNTS: &str = "archive_counts";
 /// Owner bare JID → JSON `ArchivePrefs`.
 pub const ARCHIVE_PREFS: &str = "archive_prefs";
