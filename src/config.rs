@@ -44,6 +44,53 @@ pub struct Config {
     pub archive: halyard_xep::host::ArchiveSettings,
     /// XEP-0160 offline messages.
     pub offline: halyard_xep::host::OfflineSettings,
+    /// XEP-0198 stream management.
+    pub stream_management: StreamManagement,
+    /// XEP-0352 client state indication.
+    pub csi: Csi,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamManagement {
+    /// Seconds a session whose connection dropped waits to be resumed (a client may ask for
+    /// less with `max`). Meanwhile it counts as online and its stanzas queue up.
+    pub resume_timeout_secs: u64,
+    /// Stanzas sent but not acknowledged (including those queued while waiting to be resumed)
+    /// beyond which the session ends; they are rerouted (other resources, offline storage).
+    pub max_unacked: usize,
+    /// Sessions of one account that may wait to be resumed at once; beyond it the oldest ends.
+    pub max_hibernating_per_account: usize,
+    /// Seconds after an unanswered ack request before the server asks again.
+    pub ack_request_secs: u64,
+    /// `host:port` where clients should reconnect to resume (`location` in `<enabled/>`);
+    /// empty leaves it out, and clients reconnect as usual.
+    pub location: String,
+}
+
+impl Default for StreamManagement {
+    fn default() -> Self {
+        StreamManagement {
+            resume_timeout_secs: 300,
+            max_unacked: 1000,
+            max_hibernating_per_account: 5,
+            ack_request_secs: 30,
+            location: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Csi {
+    /// Stanzas held back for an inactive client before they are all sent anyway.
+    pub max_held: usize,
+}
+
+impl Default for Csi {
+    fn default() -> Self {
+        Csi { max_held: 100 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +194,8 @@ impl Default for Config {
             storage: Storage::default(),
             archive: Default::default(),
             offline: Default::default(),
+            stream_management: Default::default(),
+            csi: Default::default(),
         }
     }
 }

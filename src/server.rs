@@ -42,6 +42,8 @@ pub struct Server {
     settings: ModuleSettings,
     /// The server's own iq requests ([`Host::request`]) waiting for their answer, by id.
     pending: dashmap::DashMap<String, PendingRequest>,
+    /// Sessions that can be resumed (XEP-0198), by resumption id.
+    pub sm: crate::c2s::sm::Resumable,
 }
 
 /// An iq the server sent and whose result or error it awaits.
@@ -86,6 +88,7 @@ impl Server {
             shutdown,
             settings,
             pending: dashmap::DashMap::new(),
+            sm: Default::default(),
         }
     }
 

@@ -37,6 +37,12 @@ struct Entry {
     roster_interested: bool,
     carbons: bool,
     directed: Vec<Jid>,
+    /// Since when its connection is gone while it waits to be resumed (XEP-0198).
+    hibernating: Option<std::time::Instant>,
+    /// XEP-0352 inactive.
+    inactive: bool,
+    /// Since when the oldest unacknowledged stanza has waited (XEP-0198 enabled).
+    unacked_since: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -88,6 +94,9 @@ impl Sessions {
             roster_interested: false,
             carbons: false,
             directed: Vec::new(),
+            hibernating: None,
+            inactive: false,
+            unacked_since: None,
         };
         if let Some(old) = list
             .iter_mut()
@@ -157,10 +166,9 @@ impl Sessions {
                     presence: e.presence.clone(),
                     roster_interested: e.roster_interested,
                     carbons: e.carbons,
-                    // Stream management and client state arrive with their modules.
-                    hibernating: false,
-                    inactive: false,
-                    unacked_since: None,
+                    hibernating: e.hibernating.is_some(),
+                    inactive: e.inactive,
+                    unacked_since: e.unacked_since,
                 })
             })
             .collect()
@@ -203,6 +211,54 @@ impl Sessions {
 
     pub fn directed(&self, full: &FullJid) -> Vec<Jid> {
         self.with(full, |e| e.directed.clone()).unwrap_or_default()
+    }
+
+    /// Marks a session (of this binding) as waiting to be resumed, or live again. Returns the
+    /// other sessions of the account that are waiting, oldest first.
+    pub fn set_hibernating(
+        &self,
+        full: &FullJid,
+        conn_id: u64,
+        on: bool,
+    ) -> Vec<(FullJid, OutboundTx)> {
+        let bare = full.to_bare();
+        let Some(mut list) = self.map.get_mut(&bare) else {
+            return Vec::new();
+        };
+        if let Some(e) = list
+            .iter_mut()
+            .find(|e| e.resource == full.resource().as_str() && e.conn_id == conn_id)
+        {
+            e.hibernating = on.then(std::time::Instant::now);
+        }
+        let mut others: Vec<_> = list
+            .iter()
+            .filter(|e| e.resource != full.resource().as_str())
+            .filter_map(|e| {
+                let since = e.hibernating?;
+                let res = jid::ResourcePart::new(&e.resource).ok()?;
+                Some((
+                    since,
+                    FullJid::from_parts(bare.node(), bare.domain(), &res),
+                    e.tx.clone(),
+                ))
+            })
+            .collect();
+        others.sort_by_key(|(since, _, _)| *since);
+        others.into_iter().map(|(_, j, tx)| (j, tx)).collect()
+    }
+
+    pub fn set_inactive(&self, full: &FullJid, on: bool) {
+        self.with(full, |e| e.inactive = on);
+    }
+
+    pub fn set_unacked_since(&self, full: &FullJid, since: Option<std::time::Instant>) {
+        self.with(full, |e| e.unacked_since = since);
+    }
+
+    /// Tells one session to close (e.g. the oldest of too many waiting to be resumed).
+    pub fn close_one(tx: &OutboundTx, err: StreamError) {
+        close(tx, err)
     }
 
     /// Queues serialised bytes for one resource without waiting.

@@ -5,6 +5,7 @@
 //! (each is routed to completion before the next is read, RFC 6120 §10.1), writes what other
 //! sessions queue for it, and pings the client after a quiet period to detect dead peers.
 
+pub mod sm;
 pub mod transport;
 
 use std::sync::atomic::Ordering;
@@ -51,8 +52,14 @@ pub async fn run<T: Transport + 'static>(server: Arc<Server>, t: T) {
         header_sent: false,
         _guard: guard,
     };
-    if let Some((session, full)) = session.negotiate_phase().instrument(span.clone()).await {
-        tokio::spawn(session.bound(full).instrument(span));
+    match session.negotiate_phase().instrument(span.clone()).await {
+        Some((session, Negotiated::Bound(full))) => {
+            tokio::spawn(session.bound(full).instrument(span));
+        }
+        Some((session, Negotiated::Resumed(b))) => {
+            tokio::spawn(session.run_bound(b).instrument(span));
+        }
+        _ => {}
     }
 }
 
@@ -86,6 +93,8 @@ struct Session<T> {
 /// How negotiation ended.
 enum Negotiated {
     Bound(FullJid),
+    /// An earlier session was resumed (XEP-0198) and its unacknowledged stanzas sent again.
+    Resumed(Box<sm::Bound>),
     /// The stream is over; the error (if any) has to be sent.
     Closed(Option<StreamError>),
 }
@@ -107,8 +116,8 @@ fn el_to_string(el: &Element) -> Vec<u8> {
 }
 
 impl<T: Transport> Session<T> {
-    /// Negotiates; returns the session and its full JID once bound, or `None` after closing.
-    async fn negotiate_phase(mut self) -> Option<(Self, FullJid)> {
+    /// Negotiates; returns the session once bound or resumed, or `None` after closing.
+    async fn negotiate_phase(mut self) -> Option<(Self, Negotiated)> {
         self.t
             .set_read_limit(Some(self.server.config.c2s.preauth_max_bytes as u64));
         let mut shutdown = self.server.shutdown.clone();
@@ -128,7 +137,7 @@ impl<T: Transport> Session<T> {
                 self.close(err.as_ref()).await;
                 None
             }
-            Negotiated::Bound(full) => Some((self, full)),
+            done => Some((self, done)),
         }
     }
 
@@ -361,6 +370,24 @@ impl<T: Transport> Session<T> {
                     }
                 }
                 if let Some(bare) = &user {
+                    match halyard_xep::sm::parse(&el) {
+                        Ok(Some(halyard_xep::sm::Nonza::Resume { previd, h })) => {
+                            match self.resume(bare, &previd, h).await {
+                                Ok(Some(b)) => return Negotiated::Resumed(b),
+                                Ok(None) => continue,
+                                Err(n) => return n,
+                            }
+                        }
+                        Ok(Some(_)) | Err(_) => {
+                            // XEP-0198 §3: enabling (or acking) before binding is refused.
+                            let failed = halyard_xep::sm::failed("unexpected-request", None);
+                            if self.send_el(&failed).await.is_err() {
+                                return Negotiated::Closed(None);
+                            }
+                            continue;
+                        }
+                        Ok(None) => {}
+                    }
                     if el.is("iq", ns::CLIENT)
                         && el.attr("type") == Some("set")
                         && el.get_child("bind", ns::BIND).is_some()
@@ -630,13 +657,61 @@ impl<T: Transport> Session<T> {
         Ok(Some(full))
     }
 
-    /// The bound session: stanzas in, queued stanzas out, pings when quiet. Large sub-futures
-    /// (routing a stanza, writing a batch) are boxed so they do not sit inline in an idle task.
-    async fn bound(mut self, full: FullJid) {
-        self.t.set_read_limit(None);
+    /// Resumes session `previd` of `bare` on this connection: `<resumed/>`, then every stanza
+    /// the client has not acknowledged, again. `Ok(None)` after `<failed/>` (the client may bind
+    /// a new session instead).
+    async fn resume(
+        &mut self,
+        bare: &BareJid,
+        previd: &str,
+        h: u32,
+    ) -> Result<Option<Box<sm::Bound>>, Negotiated> {
+        let server = self.server.clone();
+        match server.sm.take(previd, bare, h).await {
+            Ok(b) => {
+                let Some(s) = b.sm.as_ref() else {
+                    return Err(stream_err(
+                        StreamErrorKind::InternalServerError,
+                        "resumed a session without stream management",
+                    ));
+                };
+                tracing::Span::current().record("jid", tracing::field::display(&b.full));
+                tracing::info!(full = %b.full, resent = s.unacked.len(), "resumed");
+                let mut out = el_to_string(&halyard_xep::sm::resumed(previd, s.h_in));
+                for (_, bytes) in &s.unacked {
+                    out.extend_from_slice(bytes);
+                }
+                if !s.unacked.is_empty() {
+                    out.extend_from_slice(&el_to_string(&halyard_xep::sm::request()));
+                }
+                let resent = !s.unacked.is_empty();
+                let mut b = b;
+                if let Some(s) = b.sm.as_mut() {
+                    s.r_sent_at = resent.then(std::time::Instant::now);
+                }
+                // Written even if it fails: the session then hibernates again in run_bound.
+                let _ = async {
+                    self.t.write(&out).await?;
+                    self.t.flush().await
+                }
+                .await;
+                Ok(Some(b))
+            }
+            Err(f) => {
+                tracing::info!(condition = f.condition, "resumption failed");
+                self.send_el(&f.element())
+                    .await
+                    .map_err(|_| Negotiated::Closed(None))?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// A new binding: the sessions table, conflict handling, session hooks; then the loop.
+    async fn bound(self, full: FullJid) {
         let server = self.server.clone();
         let c2s = &server.config.c2s;
-        let (tx, mut rx) = mpsc::channel::<Outbound>(c2s.outbound_queue);
+        let (tx, rx) = mpsc::channel::<Outbound>(c2s.outbound_queue);
         if let Some(old) = server.sessions.bind(&full, self.conn_id, tx) {
             let _ = old.tx.try_send(Outbound::Close(Box::new(StreamError::new(
                 StreamErrorKind::Conflict,
@@ -653,144 +728,470 @@ impl<T: Transport> Session<T> {
         for hook in server.registry.session_hooks() {
             hook.bound(server.as_ref(), &full).await;
         }
+        let b = Box::new(sm::Bound {
+            full,
+            conn_id: self.conn_id,
+            rx,
+            sm: None,
+            held: None,
+        });
+        self.run_bound(b).await
+    }
+
+    /// The bound session: stanzas in, queued stanzas out, pings when quiet. Large sub-futures
+    /// (routing a stanza, writing a batch) are boxed so they do not sit inline in an idle task.
+    /// When the connection is lost and the client enabled resumption, the session waits to be
+    /// resumed (in this task, without the connection); otherwise, or when that wait ends, the
+    /// session ends and what it did not get is rerouted.
+    async fn run_bound(mut self, mut b: Box<sm::Bound>) {
+        self.t.set_read_limit(None);
+        let server = self.server.clone();
+        let c2s = &server.config.c2s;
+        let ack_every = Duration::from_secs(server.config.stream_management.ack_request_secs);
         let mut shutdown = server.shutdown.clone();
         let mut last_read = Instant::now();
         let mut ping_sent: Option<Instant> = None;
-        let close_err: Option<StreamError> = loop {
-            let wake = match ping_sent {
+        let end: End = loop {
+            let mut wake = match ping_sent {
                 Some(at) => at + c2s.ping_timeout(),
                 None => last_read + c2s.idle_timeout(),
             };
+            let r_due =
+                b.sm.as_ref()
+                    .filter(|s| !s.unacked.is_empty())
+                    .and_then(|s| s.r_sent_at)
+                    .map(|at| Instant::from_std(at) + ack_every);
+            if let Some(due) = r_due {
+                wake = wake.min(due);
+            }
             self.t.idle();
+            let takeover = async {
+                match b.sm.as_mut().and_then(|s| s.takeover.as_mut()) {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             // Biased: shutdown first, then our queue, then input. Draining the queue before
             // reading more keeps a client that pipelines requests (each adding replies to its
             // own queue) from being taken for a slow reader; reading waits while we write.
-            tokio::select! {
+            let event = tokio::select! {
                 biased;
-                _ = crate::server::until_shutdown(&mut shutdown) => break Some(StreamError::bare(StreamErrorKind::SystemShutdown)),
-                out = rx.recv() => {
-                    match out {
-                        Some(Outbound::Data(bytes)) => {
-                            if let Err(e) = Box::pin(self.write_batch(bytes, &mut rx)).await {
-                                break e;
-                            }
+                _ = crate::server::until_shutdown(&mut shutdown) => Event::Shutdown,
+                t = takeover => match t {
+                    Some(t) => Event::Takeover(t),
+                    None => Event::Shutdown,
+                },
+                out = b.rx.recv() => Event::Out(out),
+                ev = self.t.next_event() => Event::In(ev),
+                _ = sleep_until(wake) => Event::Timer,
+            };
+            match event {
+                Event::Shutdown => {
+                    break End::Error(StreamError::bare(StreamErrorKind::SystemShutdown))
+                }
+                Event::Takeover(t) => {
+                    let Some(s) = b.sm.as_mut() else { continue };
+                    match s.ack(t.h) {
+                        Err(e) => {
+                            let _ = t.reply.send(Err(e));
                         }
-                        Some(Outbound::Close(e)) => break Some(*e),
-                        None => break None,
+                        Ok(()) => break End::TakenOver(t.reply),
                     }
                 }
-                ev = self.t.next_event() => {
+                Event::Out(Some(Outbound::Data(bytes))) => {
+                    if let Err(e) = Box::pin(self.write_batch(bytes, &mut b)).await {
+                        break e;
+                    }
+                }
+                Event::Out(Some(Outbound::Close(e))) => break End::Error(*e),
+                Event::Out(None) => break End::Clean,
+                Event::In(ev) => {
                     last_read = Instant::now();
                     ping_sent = None;
                     match ev {
                         Ok(Some(StreamEvent::Element(el))) => {
-                            if let Err(e) = Box::pin(self.handle_element(&full, el)).await {
-                                break Some(e);
+                            if let Err(e) = Box::pin(self.handle_element(&mut b, el)).await {
+                                break e;
                             }
                         }
-                        Ok(Some(StreamEvent::Close)) | Ok(None) => break None,
-                        Ok(Some(StreamEvent::Open(_))) => break Some(StreamError::new(StreamErrorKind::NotWellFormed, "unexpected stream header")),
-                        Err(TransportError::Stream(e)) => break Some(e),
+                        Ok(Some(StreamEvent::Close)) => break End::Clean,
+                        Ok(None) => break End::Lost,
+                        Ok(Some(StreamEvent::Open(_))) => {
+                            break End::Error(StreamError::new(
+                                StreamErrorKind::NotWellFormed,
+                                "unexpected stream header",
+                            ))
+                        }
+                        Err(TransportError::Stream(e)) => break End::Error(e),
                         Err(TransportError::Io(e)) => {
                             tracing::debug!(error = %e, "read failed");
-                            break None;
+                            break End::Lost;
                         }
                     }
                 }
-                _ = sleep_until(wake) => {
+                Event::Timer => {
+                    let now = Instant::now();
+                    if r_due.is_some_and(|due| now >= due) {
+                        if let Some(s) = b.sm.as_mut() {
+                            s.r_sent_at = Some(std::time::Instant::now());
+                        }
+                        if Box::pin(self.send_el(&halyard_xep::sm::request()))
+                            .await
+                            .is_err()
+                        {
+                            break End::Lost;
+                        }
+                        continue;
+                    }
+                    if now < wake {
+                        continue;
+                    }
                     if ping_sent.is_some() {
-                        break Some(StreamError::new(StreamErrorKind::ConnectionTimeout, "no answer to ping"));
+                        break End::Stalled(StreamError::new(
+                            StreamErrorKind::ConnectionTimeout,
+                            "no answer to ping",
+                        ));
                     }
                     let ping = Element::builder("iq", ns::CLIENT)
                         .attr(n("type"), "get")
                         .attr(n("id"), format!("ping-{}", random_id(8)))
-                        .attr(n("from"), full.domain().as_str())
-                        .attr(n("to"), full.to_string())
+                        .attr(n("from"), b.full.domain().as_str())
+                        .attr(n("to"), b.full.to_string())
                         .append(Element::bare("ping", ns::PING))
                         .build();
-                    if Box::pin(self.send_el(&ping)).await.is_err() {
-                        break None;
+                    if let Err(e) =
+                        Box::pin(self.send_stanza(&mut b, writer::to_bytes(&ping))).await
+                    {
+                        break e;
                     }
                     ping_sent = Some(Instant::now());
                 }
             }
         };
-        // Unbind first so nothing more is queued for us, then say goodbye.
-        let removed = server.sessions.unbind(&full, self.conn_id);
-        if let Some(e) = &close_err {
-            tracing::info!(error = %e, "closing stream");
-        } else {
-            tracing::info!("session ended");
-        }
-        Box::pin(self.close(close_err.as_ref())).await;
-        if let Some((presence, directed)) = removed {
-            for hook in server.registry.session_hooks() {
-                hook.ended(server.as_ref(), &full, presence.as_ref(), &directed)
-                    .await;
+        let resumable = b.sm.as_ref().is_some_and(|s| s.id.is_some());
+        match end {
+            End::TakenOver(reply) => {
+                tracing::info!("session resumed on another connection: closing this one");
+                Box::pin(self.close(None)).await;
+                if let Err(Ok(back)) = reply.send(Ok(b)) {
+                    // The resuming connection went away before it got the session.
+                    Box::pin(self.finish_after_hibernation(back)).await;
+                }
+            }
+            End::Lost if resumable => {
+                Box::pin(self.finish_after_hibernation(b)).await;
+            }
+            End::Stalled(e) if resumable => {
+                tracing::info!(error = %e, "closing stream");
+                Box::pin(self.close(Some(&e))).await;
+                Box::pin(self.finish_after_hibernation(b)).await;
+            }
+            other => {
+                match &other {
+                    End::Error(e) | End::Stalled(e) => tracing::info!(error = %e, "closing stream"),
+                    _ => tracing::info!("session ended"),
+                }
+                // Unbind first so nothing more is queued for us, then say goodbye.
+                let err = match other {
+                    End::Error(e) | End::Stalled(e) => Some(e),
+                    _ => None,
+                };
+                let server = self.server.clone();
+                Box::pin(self.close(err.as_ref())).await;
+                Box::pin(sm::finish(&server, b)).await;
             }
         }
     }
 
-    /// Writes one queued stanza and whatever else is already queued, then flushes once.
-    async fn write_batch(
-        &mut self,
-        first: bytes::Bytes,
-        rx: &mut mpsc::Receiver<Outbound>,
-    ) -> Result<(), Option<StreamError>> {
+    /// Waits (without a connection) for the session to be resumed, or ends it. It still
+    /// counts as a connection, so that shutdown waits for its stanzas to be rerouted.
+    async fn finish_after_hibernation(self, b: Box<sm::Bound>) {
+        let Session {
+            server, t, _guard, ..
+        } = self;
+        drop(t);
+        if let sm::Hibernation::Ended(b) = sm::hibernate(&server, b).await {
+            sm::finish(&server, b).await;
+        }
+        drop(_guard);
+    }
+
+    /// Writes one stanza the session itself generates (pings, session results), counted for
+    /// stream management like any other.
+    async fn send_stanza(&mut self, b: &mut sm::Bound, bytes: bytes::Bytes) -> Result<(), End> {
         let wt = self.server.config.c2s.write_timeout();
-        let stalled = || {
-            Some(StreamError::new(
-                StreamErrorKind::PolicyViolation,
-                "the client is not reading",
-            ))
+        let was_empty = b.sm.as_ref().is_none_or(|s| s.unacked.is_empty());
+        let r = async {
+            self.t.write(&bytes).await?;
+            self.t.flush().await
         };
+        match timeout(wt, r).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(End::Lost),
+            Err(_) => return Err(End::Stalled(stalled())),
+        }
+        if let Some(s) = b.sm.as_mut() {
+            s.sent_one(bytes);
+            if was_empty {
+                self.server
+                    .sessions
+                    .set_unacked_since(&b.full, s.oldest_unacked());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one queued stanza and whatever else is already queued, then flushes once. For an
+    /// inactive client, what is not urgent is held back instead; with stream management every
+    /// stanza written is remembered until acknowledged, and an ack is requested.
+    async fn write_batch(&mut self, first: bytes::Bytes, b: &mut sm::Bound) -> Result<(), End> {
+        let wt = self.server.config.c2s.write_timeout();
+        let max_held = self.server.config.csi.max_held;
+        let was_empty = b.sm.as_ref().is_none_or(|s| s.unacked.is_empty());
         let mut next = Some(first);
         let mut n = 0;
+        let mut out: Vec<bytes::Bytes> = Vec::new();
         while let Some(bytes) = next.take() {
-            match timeout(wt, self.t.write(&bytes)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(None),
-                Err(_) => return Err(stalled()),
+            match b.held.as_mut() {
+                None => out.push(bytes),
+                Some(held) => {
+                    let class = std::str::from_utf8(&bytes)
+                        .ok()
+                        .and_then(|s| s.parse::<Element>().ok())
+                        .map_or(halyard_xep::csi::Class::Urgent, |el| {
+                            halyard_xep::csi::classify(&el)
+                        });
+                    match class {
+                        halyard_xep::csi::Class::Hold(key) => {
+                            held.hold(key, bytes);
+                            if held.items.len() > max_held {
+                                out.extend(held.items.drain(..).map(|(_, b)| b));
+                            }
+                        }
+                        halyard_xep::csi::Class::Urgent => {
+                            out.extend(held.items.drain(..).map(|(_, b)| b));
+                            out.push(bytes);
+                        }
+                    }
+                }
             }
             n += 1;
             if n < 64 {
-                match rx.try_recv() {
-                    Ok(Outbound::Data(b)) => next = Some(b),
+                match b.rx.try_recv() {
+                    Ok(Outbound::Data(more)) => next = Some(more),
                     Ok(Outbound::Close(e)) => {
-                        let _ = timeout(wt, self.t.flush()).await;
-                        return Err(Some(*e));
+                        let _ = Box::pin(self.write_out(&mut out, b, wt)).await;
+                        return Err(End::Error(*e));
                     }
                     Err(_) => {}
                 }
             }
         }
+        self.write_out(&mut out, b, wt).await?;
+        if was_empty {
+            if let Some(s) = b.sm.as_ref().filter(|s| !s.unacked.is_empty()) {
+                self.server
+                    .sessions
+                    .set_unacked_since(&b.full, s.oldest_unacked());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `out` (and an ack request when stream management wants one), then flushes.
+    async fn write_out(
+        &mut self,
+        out: &mut Vec<bytes::Bytes>,
+        b: &mut sm::Bound,
+        wt: Duration,
+    ) -> Result<(), End> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        for bytes in out.drain(..) {
+            match timeout(wt, self.t.write(&bytes)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(End::Lost),
+                Err(_) => return Err(End::Stalled(stalled())),
+            }
+            if let Some(s) = b.sm.as_mut() {
+                s.sent_one(bytes);
+            }
+        }
+        if let Some(s) = b.sm.as_mut().filter(|s| s.r_sent_at.is_none()) {
+            s.r_sent_at = Some(std::time::Instant::now());
+            let r = el_to_string(&halyard_xep::sm::request());
+            match timeout(wt, self.t.write(&r)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(End::Lost),
+                Err(_) => return Err(End::Stalled(stalled())),
+            }
+        }
         match timeout(wt, self.t.flush()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(None),
-            Err(_) => Err(stalled()),
+            Ok(Err(_)) => Err(End::Lost),
+            Err(_) => Err(End::Stalled(stalled())),
         }
     }
 
-    async fn handle_element(&mut self, full: &FullJid, el: Element) -> Result<(), StreamError> {
+    async fn handle_element(&mut self, b: &mut sm::Bound, el: Element) -> Result<(), End> {
+        let server = self.server.clone();
+        match halyard_xep::sm::parse(&el) {
+            Ok(None) => {}
+            Ok(Some(nonza)) => return self.sm_nonza(b, nonza).await,
+            Err(halyard_xep::sm::Malformed(why)) => {
+                return Err(End::Error(StreamError::new(
+                    StreamErrorKind::BadFormat,
+                    why,
+                )))
+            }
+        }
+        if el.ns() == halyard_xep::csi::NS {
+            match el.name() {
+                "inactive" => {
+                    if b.held.is_none() {
+                        b.held = Some(Box::default());
+                        server.sessions.set_inactive(&b.full, true);
+                    }
+                }
+                "active" => {
+                    if let Some(mut held) = b.held.take() {
+                        server.sessions.set_inactive(&b.full, false);
+                        let mut out: Vec<bytes::Bytes> =
+                            held.items.drain(..).map(|(_, b)| b).collect();
+                        let wt = server.config.c2s.write_timeout();
+                        self.write_out(&mut out, b, wt).await?;
+                    }
+                }
+                other => {
+                    return Err(End::Error(StreamError::new(
+                        StreamErrorKind::UnsupportedStanzaType,
+                        format!("unsupported element <{other}/>"),
+                    )))
+                }
+            }
+            return Ok(());
+        }
         if halyard_xep::Kind::of(&el).is_none() {
-            return Err(StreamError::new(
+            return Err(End::Error(StreamError::new(
                 StreamErrorKind::UnsupportedStanzaType,
                 format!("unsupported element <{}/>", el.name()),
-            ));
+            )));
         }
         if el.name() == "iq"
             && el.attr("type") == Some("set")
             && el.get_child("session", ns::SESSION).is_some()
         {
             let reply = iq_result(&el, None);
-            self.send_el(&reply)
-                .await
-                .map_err(|_| StreamError::bare(StreamErrorKind::InternalServerError))?;
-            return Ok(());
+            self.send_stanza(b, writer::to_bytes(&reply)).await?;
+        } else {
+            crate::router::from_client(&server, &b.full, el).await;
         }
-        crate::router::from_client(&self.server, full, el).await;
+        if let Some(s) = b.sm.as_mut() {
+            s.h_in = s.h_in.wrapping_add(1);
+        }
         Ok(())
     }
+
+    /// `<enable/>`, `<r/>` and `<a/>` on a bound stream (XEP-0198).
+    async fn sm_nonza(
+        &mut self,
+        b: &mut sm::Bound,
+        nonza: halyard_xep::sm::Nonza,
+    ) -> Result<(), End> {
+        use halyard_xep::sm::Nonza;
+        let server = self.server.clone();
+        let cfg = &server.config.stream_management;
+        let io = |r: std::io::Result<()>| r.map_err(|_| End::Lost);
+        match nonza {
+            Nonza::Enable { resume, max } => {
+                if b.sm.is_some() {
+                    let failed = halyard_xep::sm::failed("unexpected-request", None);
+                    return io(self.send_el(&failed).await);
+                }
+                let timeout = max.map_or(cfg.resume_timeout_secs, |m| {
+                    m.clamp(1, cfg.resume_timeout_secs)
+                });
+                let (id, takeover) = if resume {
+                    let (id, rx) = server.sm.register(&b.full.to_bare());
+                    (Some(id), Some(rx))
+                } else {
+                    (None, None)
+                };
+                let location = (!cfg.location.is_empty()).then_some(cfg.location.as_str());
+                let enabled = halyard_xep::sm::enabled(id.as_deref(), Some(timeout), location);
+                tracing::debug!(resume, "stream management enabled");
+                b.sm = Some(Box::new(sm::Sm::new(
+                    id,
+                    takeover,
+                    Duration::from_secs(timeout),
+                )));
+                io(self.send_el(&enabled).await)
+            }
+            Nonza::Request => {
+                // The ack covers what the client sent; it is given only once that is durable
+                // (archived, stored offline), so a crash after it loses nothing acknowledged.
+                if let Err(e) = server.stores.durable.wait().await {
+                    tracing::warn!(error = %e, "store flush failed: ack withheld");
+                    return Ok(());
+                }
+                let Some(s) = b.sm.as_ref() else {
+                    return io(self
+                        .send_el(&halyard_xep::sm::failed("unexpected-request", None))
+                        .await);
+                };
+                let a = halyard_xep::sm::ack(s.h_in);
+                io(self.send_el(&a).await)
+            }
+            Nonza::Ack { h } => {
+                let Some(s) = b.sm.as_mut() else {
+                    return io(self
+                        .send_el(&halyard_xep::sm::failed("unexpected-request", None))
+                        .await);
+                };
+                if let Err((h, sent)) = s.ack(h) {
+                    return Err(End::Error(sm::too_high_error(h, sent)));
+                }
+                s.r_sent_at = None;
+                let oldest = s.oldest_unacked();
+                server.sessions.set_unacked_since(&b.full, oldest);
+                Ok(())
+            }
+            Nonza::Resume { .. } => io(self
+                .send_el(&halyard_xep::sm::failed("unexpected-request", None))
+                .await),
+        }
+    }
+}
+
+/// How a bound connection's loop ended.
+enum End {
+    /// The client closed the stream (`</stream:stream>`), or the session was unbound.
+    Clean,
+    /// The connection dropped without a close.
+    Lost,
+    /// The client stopped reading or answering: closed with this error, but resumable.
+    Stalled(StreamError),
+    /// Closed with this stream error.
+    Error(StreamError),
+    /// Another connection resumed the session: hand it over.
+    TakenOver(tokio::sync::oneshot::Sender<Result<Box<sm::Bound>, (u32, u32)>>),
+}
+
+/// What woke the bound loop.
+enum Event {
+    Shutdown,
+    Takeover(sm::Takeover),
+    Out(Option<Outbound>),
+    In(Result<Option<StreamEvent>, TransportError>),
+    Timer,
+}
+
+fn stalled() -> StreamError {
+    StreamError::new(
+        StreamErrorKind::PolicyViolation,
+        "the client is not reading",
+    )
 }
 
 fn iq_result(iq: &Element, payload: Option<Element>) -> Element {

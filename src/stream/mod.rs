@@ -26,6 +26,7 @@ pub enum StreamErrorKind {
     ResourceConstraint,
     RestrictedXml,
     SystemShutdown,
+    UndefinedCondition,
     UnsupportedStanzaType,
     UnsupportedVersion,
 }
@@ -47,6 +48,7 @@ impl StreamErrorKind {
             ResourceConstraint => "resource-constraint",
             RestrictedXml => "restricted-xml",
             SystemShutdown => "system-shutdown",
+            UndefinedCondition => "undefined-condition",
             UnsupportedStanzaType => "unsupported-stanza-type",
             UnsupportedVersion => "unsupported-version",
         }
@@ -58,6 +60,9 @@ impl StreamErrorKind {
 pub struct StreamError {
     pub kind: StreamErrorKind,
     pub text: Option<String>,
+    /// An application-specific condition, serialised with its namespace (RFC 6120 §4.9.4),
+    /// e.g. XEP-0198's `<handled-count-too-high/>`.
+    pub app: Option<String>,
 }
 
 impl StreamError {
@@ -65,10 +70,22 @@ impl StreamError {
         StreamError {
             kind,
             text: Some(text.into()),
+            app: None,
         }
     }
     pub fn bare(kind: StreamErrorKind) -> Self {
-        StreamError { kind, text: None }
+        StreamError {
+            kind,
+            text: None,
+            app: None,
+        }
+    }
+}
+
+impl StreamError {
+    pub fn with_app(mut self, app: &minidom::Element) -> Self {
+        self.app = Some(String::from(app));
+        self
     }
 }
 

@@ -62,9 +62,10 @@ fn stream_error_with(err: &StreamError, decl: &str) -> String {
         })
         .unwrap_or_default();
     format!(
-        "<stream:error{decl}><{} xmlns='{}'/>{text}</stream:error>",
+        "<stream:error{decl}><{} xmlns='{}'/>{text}{}</stream:error>",
         err.kind.condition(),
-        ns::STREAMS
+        ns::STREAMS,
+        err.app.as_deref().unwrap_or_default()
     )
 }
 

@@ -25,6 +25,7 @@ pub mod testing;
 
 pub mod caps;
 pub mod carbons;
+pub mod csi;
 pub mod disco;
 pub mod last;
 pub mod mam;
@@ -32,6 +33,7 @@ pub mod offline;
 pub mod ping;
 pub mod presence;
 pub mod roster;
+pub mod sm;
 pub mod version;
 
 pub use host::Host;
@@ -46,6 +48,8 @@ pub fn register_all(reg: &mut Registry) {
     presence::register(reg);
     offline::register(reg);
     carbons::register(reg);
+    sm::register(reg);
+    csi::register(reg);
     disco::register(reg);
     caps::register(reg);
     ping::register(reg);

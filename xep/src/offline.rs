@@ -154,6 +154,92 @@ impl StanzaHook for Store {
     }
 }
 
+/// What becomes of a stanza that was queued for a session which then ended without
+/// acknowledging it (XEP-0198 §5: the server must not silently drop it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rerouted {
+    /// Delivered to other resources of the same account.
+    Delivered,
+    /// Another resource already has it as a carbon copy.
+    AlreadyCopied,
+    /// Stored offline, delivered at the next login.
+    Stored,
+    /// The sender was told it was not delivered (iq requests, a full offline queue).
+    Bounced,
+    /// Nothing to do: presence, errors, copies (carbons, archive results) the user has elsewhere.
+    Dropped,
+}
+
+/// Reroutes a stanza that `session` never acknowledged: a message goes to the account's other
+/// available resources, or else to offline storage (it is archived already); an iq request is
+/// answered with `service-unavailable` on the session's behalf; presence is state that the
+/// session's end updates anyway.
+pub async fn reroute(host: &dyn Host, session: &FullJid, el: Element) -> Rerouted {
+    let sender = el.attr("from").and_then(|f| jid::Jid::new(f).ok());
+    let bounce = |el: &Element| {
+        let to = el.attr("from").unwrap_or_default().to_string();
+        crate::stanza::error_reply(
+            el,
+            &to,
+            session.as_str(),
+            StanzaError::ServiceUnavailable(Some("the session ended before it got this".into())),
+        )
+    };
+    match el.name() {
+        "iq" if matches!(el.attr("type"), Some("get" | "set")) => {
+            if let Some(reply) = bounce(&el) {
+                host.route(reply).await;
+            }
+            Rerouted::Bounced
+        }
+        "message" => {
+            let typ = el.attr("type").unwrap_or("normal");
+            let copy = el.children().any(|c| {
+                c.ns() == "urn:xmpp:carbons:2"
+                    || (c.name() == "result" && c.ns() == "urn:xmpp:mam:2")
+            });
+            if !matches!(typ, "normal" | "chat") || copy || sender.is_none() {
+                return Rerouted::Dropped;
+            }
+            let owner = session.to_bare();
+            let others: Vec<_> = host
+                .resources(&owner)
+                .into_iter()
+                .filter(|r| r.jid != *session && r.is_available() && r.priority >= 0)
+                .collect();
+            if typ == "chat" && others.iter().any(|r| r.carbons) {
+                return Rerouted::AlreadyCopied;
+            }
+            let mut delivered = false;
+            for r in &others {
+                delivered |= host.deliver(&r.jid, &el);
+            }
+            if delivered {
+                return Rerouted::Delivered;
+            }
+            if is_chat_state_only(&el) {
+                return Rerouted::Dropped;
+            }
+            let quota = host.settings().offline.quota;
+            match host
+                .offline()
+                .push(&owner, now_micros(), &String::from(&el), quota)
+                .await
+            {
+                Ok(true) => Rerouted::Stored,
+                Ok(false) | Err(_) => {
+                    tracing::warn!(%owner, "offline: an unacknowledged message could not be stored");
+                    if let Some(reply) = bounce(&el) {
+                        host.route(reply).await;
+                    }
+                    Rerouted::Bounced
+                }
+            }
+        }
+        _ => Rerouted::Dropped,
+    }
+}
+
 /// The `<priority/>` of an available presence, 0 when absent; `None` when invalid (the presence
 /// module refuses it).
 fn priority(el: &Element) -> Option<i8> {
