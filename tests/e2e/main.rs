@@ -12,6 +12,7 @@ mod chat;
 mod cli;
 mod durability;
 mod history;
+mod mobile;
 mod negotiation;
 mod portability;
 mod roster_presence;
