@@ -1018,6 +1018,14 @@ impl<T: Transport> Session<T> {
                 s.sent_one(bytes);
             }
         }
+        let max_unacked = self.server.config.stream_management.max_unacked;
+        if b.sm.as_ref().is_some_and(|s| s.unacked.len() > max_unacked) {
+            // A client that never acknowledges would make us keep everything forever.
+            return Err(End::Error(StreamError::new(
+                StreamErrorKind::PolicyViolation,
+                format!("more than {max_unacked} stanzas left unacknowledged"),
+            )));
+        }
         if let Some(s) = b.sm.as_mut().filter(|s| s.r_sent_at.is_none()) {
             s.r_sent_at = Some(std::time::Instant::now());
             let r = el_to_string(&halyard_xep::sm::request());

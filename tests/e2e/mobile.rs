@@ -446,3 +446,92 @@ async fn acknowledged_messages_survive_kill_9() {
     let want: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies(&got), want);
 }
+
+#[tokio::test]
+async fn an_ended_session_answers_the_requests_it_never_answered() {
+    let s = server_cfg(&["a", "b"], |_| {}).await;
+    let (mut a, _) = sm_session(&s, "a", "phone", false).await;
+    let mut b = RawClient::login(&s, "b", PW, "desk").await;
+    b.send("<iq type='get' id='v1' to='a@localhost/phone'><query xmlns='jabber:iq:version'/></iq>")
+        .await;
+    let q = a.recv_until(|e| e.name() == "iq").await;
+    assert_eq!(q.attr("id"), Some("v1"));
+    // The connection drops; without resumption the session ends at once.
+    drop(a);
+    let e = b.recv_until(|e| e.attr("id") == Some("v1")).await;
+    assert_eq!(e.attr("type"), Some("error"), "{}", xml(&e));
+    assert_eq!(stanza_error(&e).as_deref(), Some("service-unavailable"));
+}
+
+#[tokio::test]
+async fn hibernation_is_bounded_and_loses_nothing() {
+    let s = server_cfg(&["a", "b"], |cfg| {
+        cfg.stream_management.max_unacked = 3;
+        cfg.stream_management.max_hibernating_per_account = 1;
+    })
+    .await;
+    let mut b = RawClient::login(&s, "b", PW, "desk").await;
+
+    // Too many stanzas for a waiting session: it ends and they go to offline storage.
+    let (mut a, enabled) = sm_session(&s, "a", "p1", true).await;
+    let id1 = enabled.attr("id").expect("id").to_string();
+    sync(&mut a, "s").await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..5 {
+        say(&mut b, "a@localhost/p1", &format!("m{i}")).await;
+    }
+    sync(&mut b, "sb").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut x = authed(&s, "a", "starttls").await;
+    x.send(&format!("<resume xmlns='{SM}' previd='{id1}' h='0'/>"))
+        .await;
+    let f = x.recv().await;
+    assert!(f.is("failed", SM), "ended on overflow: {}", xml(&f));
+
+    // Two waiting sessions of one account with a limit of one: the older ends.
+    let (mut a2, e2) = sm_session(&s, "a", "p2", true).await;
+    let id2 = e2.attr("id").expect("id").to_string();
+    sync(&mut a2, "s2").await;
+    drop(a2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut a3, e3) = sm_session(&s, "a", "p3", true).await;
+    let id3 = e3.attr("id").expect("id").to_string();
+    sync(&mut a3, "s3").await;
+    drop(a3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut y = authed(&s, "a", "starttls").await;
+    y.send(&format!("<resume xmlns='{SM}' previd='{id2}' h='1'/>"))
+        .await;
+    assert!(y.recv().await.is("failed", SM), "the older one ended");
+    let mut z = authed(&s, "a", "starttls").await;
+    z.send(&format!("<resume xmlns='{SM}' previd='{id3}' h='1'/>"))
+        .await;
+    let r = z.recv().await;
+    assert!(r.is("resumed", SM), "the newer one waits: {}", xml(&r));
+
+    // Nothing was lost: the overflowed messages wait in offline storage.
+    let mut a4 = RawClient::login(&s, "a", PW, "p4").await;
+    a4.online().await;
+    let got = messages(&mut a4, 5).await;
+    assert_eq!(bodies(&got), ["m0", "m1", "m2", "m3", "m4"]);
+}
+
+#[tokio::test]
+async fn a_client_that_never_acknowledges_is_disconnected_without_loss() {
+    let s = server_cfg(&["a", "b"], |cfg| {
+        cfg.stream_management.max_unacked = 3;
+    })
+    .await;
+    let (mut a, _) = sm_session(&s, "a", "phone", false).await;
+    let mut b = RawClient::login(&s, "b", PW, "desk").await;
+    for i in 0..5 {
+        say(&mut b, "a@localhost/phone", &format!("m{i}")).await;
+    }
+    assert_eq!(a.expect_stream_error().await, "policy-violation");
+    let mut a2 = RawClient::login(&s, "a", PW, "phone2").await;
+    a2.online().await;
+    // Whatever the phone did not acknowledge (here: all of it) is waiting offline.
+    let got = messages(&mut a2, 5).await;
+    assert_eq!(bodies(&got), ["m0", "m1", "m2", "m3", "m4"]);
+}

@@ -695,4 +695,47 @@ mod tests {
         assert!(reg.server_features().any(|f| f == "msgoffline"));
         assert_eq!(reg.modules(), ["XEP-0160"]);
     }
+
+    #[tokio::test]
+    async fn reroute_what_a_session_never_acknowledged() {
+        use crate::testing::xml;
+        let h = host();
+        h.bind("b/phone");
+        let msg = || {
+            xml("<message from='a@example.com/x' to='b@example.com/phone' type='chat'><body>hi</body></message>")
+        };
+        // No other resource: offline storage.
+        assert_eq!(reroute(&h, &full("b/phone"), msg()).await, Rerouted::Stored);
+        assert_eq!(stored(&h, "b").await.len(), 1);
+        // Another available resource without carbons gets it.
+        online(&h, "b/laptop", "<presence/>").await;
+        assert_eq!(
+            reroute(&h, &full("b/phone"), msg()).await,
+            Rerouted::Delivered
+        );
+        assert_eq!(body(&messages(&h.take(), "b/laptop")[0]), "hi");
+        // With carbons it has a copy already.
+        h.set_carbons(&full("b/laptop"), true);
+        assert_eq!(
+            reroute(&h, &full("b/phone"), msg()).await,
+            Rerouted::AlreadyCopied
+        );
+        assert!(h.take().is_empty());
+        // Copies, presence and chat states alone are not rerouted.
+        let carbon = xml("<message from='b@example.com' to='b@example.com/phone' type='chat'><received xmlns='urn:xmpp:carbons:2'/></message>");
+        assert_eq!(
+            reroute(&h, &full("b/phone"), carbon).await,
+            Rerouted::Dropped
+        );
+        let p = xml("<presence from='a@example.com/x' to='b@example.com/phone'/>");
+        assert_eq!(reroute(&h, &full("b/phone"), p).await, Rerouted::Dropped);
+        // An iq request is answered on the session's behalf.
+        let iq = xml("<iq from='a@example.com/x' to='b@example.com/phone' type='get' id='q'><query xmlns='jabber:iq:version'/></iq>");
+        assert_eq!(reroute(&h, &full("b/phone"), iq).await, Rerouted::Bounced);
+        let routed = h.routed();
+        let err = routed.last().expect("an error reply");
+        assert_eq!(err.attr("type"), Some("error"));
+        assert_eq!(err.attr("to"), Some("a@example.com/x"));
+        assert_eq!(err.attr("id"), Some("q"));
+    }
 }
