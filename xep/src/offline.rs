@@ -12,8 +12,10 @@
 //!   `service-unavailable`, RFC 6121 §8.5.2.2.1 option b); messages carrying only XEP-0085 chat
 //!   states (XEP-0160 §3), which are dropped silently unless they carry a `<store/>` hint.
 //! - Delivery: when a resource sends non-negative available presence while it was unavailable
-//!   (initial presence) or had a negative priority, every waiting message is delivered to it,
-//!   oldest first, with `<delay xmlns='urn:xmpp:delay' from='DOMAIN' stamp='…'/>` (XEP-0160 §2,
+//!   (initial presence) or had a negative priority, once the presence module has recorded it as
+//!   available (`SessionHook::available`), every waiting message is delivered to it, oldest
+//!   first (a message stored while that runs is delivered right after it, not at the next
+//!   login), with `<delay xmlns='urn:xmpp:delay' from='DOMAIN' stamp='…'/>` (XEP-0160 §2,
 //!   XEP-0203), and removed from the store. A negative-priority resource never gets them
 //!   (RFC 6121 §8.5.2.1, XEP-0160 §2 step 2). A `<delay/>` claiming to be from this server that
 //!   the sender put in is removed first (XEP-0203 §4).
@@ -29,7 +31,7 @@ use minidom::Element;
 
 use crate::host::Host;
 use crate::ns;
-use crate::registry::{Flow, Registry, StanzaHook, Target};
+use crate::registry::{Flow, Registry, SessionHook, StanzaHook, Target};
 use crate::stanza::{n, Stanza, StanzaError};
 
 /// The disco feature of XEP-0160 §4.
@@ -44,8 +46,6 @@ const SID: &str = "urn:xmpp:sid:0";
 /// The message hook's priority: after the archive (100) and carbons (50), before the router's
 /// default delivery.
 pub const MESSAGE_PRIORITY: i32 = 10;
-/// The presence hook's priority: before the presence module, which handles the stanza.
-pub const PRESENCE_PRIORITY: i32 = crate::presence::HOOK_PRIORITY + 20;
 
 /// The text of the error a sender gets when the recipient's queue is full.
 pub const QUOTA_TEXT: &str = "offline storage quota reached";
@@ -102,7 +102,9 @@ async fn reply_error(host: &dyn Host, st: &Stanza, err: StanzaError) {
     }
 }
 
-struct Store;
+struct Store {
+    flushing: Arc<tokio::sync::Mutex<()>>,
+}
 
 #[async_trait]
 impl StanzaHook for Store {
@@ -133,6 +135,15 @@ impl StanzaHook for Store {
                     tracing::warn!(error = %e, %owner, "offline: flush failed");
                 }
                 tracing::debug!(%owner, "offline: message stored");
+                // A resource may have become available while this was stored, after its flush
+                // read the queue: deliver the queue to it now rather than at its next login.
+                let targets = host.delivery_targets(st);
+                if !targets.is_empty() {
+                    let _one_at_a_time = self.flushing.lock().await;
+                    for full in &targets {
+                        flush(host, &owner, full).await;
+                    }
+                }
                 Flow::Handled
             }
             Ok(false) => {
@@ -240,15 +251,6 @@ pub async fn reroute(host: &dyn Host, session: &FullJid, el: Element) -> Reroute
     }
 }
 
-/// The `<priority/>` of an available presence, 0 when absent; `None` when invalid (the presence
-/// module refuses it).
-fn priority(el: &Element) -> Option<i8> {
-    match el.get_child("priority", ns::CLIENT) {
-        None => Some(0),
-        Some(p) => p.text().trim().parse().ok(),
-    }
-}
-
 /// `el` as delivered from offline storage: a `<delay/>` from this server in place of any the
 /// sender may have forged (XEP-0203 §4).
 fn stamped(mut el: Element, domain: &str, ts_micros: u64) -> Element {
@@ -302,38 +304,31 @@ async fn flush(host: &dyn Host, owner: &BareJid, full: &FullJid) {
     }
 }
 
-struct Deliver;
+/// Delivers the queue to a resource that just became available. Flushes run one at a time
+/// (they are rare: one per login), so a message stored while one runs is either in the list it
+/// reads or finds the resource available and flushes again itself; never in neither.
+struct Deliver {
+    flushing: Arc<tokio::sync::Mutex<()>>,
+}
 
 #[async_trait]
-impl StanzaHook for Deliver {
-    async fn handle(&self, host: &dyn Host, st: &mut Stanza, _target: Target) -> Flow {
-        if st.to.is_some() || st.type_() != "available" {
-            return Flow::Pass;
-        }
-        let Ok(full) = st.from.try_as_full() else {
-            return Flow::Pass;
-        };
-        if priority(&st.el).is_none_or(|p| p < 0) {
-            return Flow::Pass;
-        }
-        let owner = full.to_bare();
-        // Only a resource that could not receive messages until now: unavailable (initial
-        // presence) or available with a negative priority.
-        let became_eligible = host
-            .resources(&owner)
-            .iter()
-            .any(|r| r.jid == *full && (r.presence.is_none() || r.priority < 0));
-        if became_eligible {
-            flush(host, &owner, full).await;
-        }
-        Flow::Pass
+impl SessionHook for Deliver {
+    async fn available(&self, host: &dyn Host, full: &FullJid) {
+        let _one_at_a_time = self.flushing.lock().await;
+        flush(host, &full.to_bare(), full).await;
     }
 }
 
 pub fn register(reg: &mut Registry) {
     reg.module("XEP-0160");
-    reg.message_hook(MESSAGE_PRIORITY, Arc::new(Store));
-    reg.presence_hook(PRESENCE_PRIORITY, Arc::new(Deliver));
+    let flushing = Arc::new(tokio::sync::Mutex::new(()));
+    reg.message_hook(
+        MESSAGE_PRIORITY,
+        Arc::new(Store {
+            flushing: flushing.clone(),
+        }),
+    );
+    reg.session_hook(Arc::new(Deliver { flushing }));
     reg.server_feature(FEATURE);
 }
 

@@ -434,14 +434,21 @@ async fn available_broadcast(host: &dyn Host, full: &FullJid, st: &Stanza) -> St
         }
     };
     let user = full.to_bare();
-    let initial = !host
-        .resources(&user)
-        .iter()
-        .any(|r| &r.jid == full && r.is_available());
+    let before = host.resources(&user).into_iter().find(|r| &r.jid == full);
+    let initial = !before.as_ref().is_some_and(|r| r.is_available());
+    let became_eligible = prio >= 0
+        && before
+            .as_ref()
+            .is_none_or(|r| !r.is_available() || r.priority < 0);
     let items = host.roster().items(&user).await?;
     let mut el = st.el.clone();
     el.set_attr(Namespace::NONE, n("from"), full.to_string());
     host.set_presence(full, Some((el.clone(), prio)));
+    if became_eligible {
+        for hook in host.registry().session_hooks() {
+            hook.available(host, full).await;
+        }
+    }
     broadcast_to(host, full, &items, &el, true);
     if initial {
         tracing::debug!(%full, "presence: initial presence");

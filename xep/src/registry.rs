@@ -66,6 +66,10 @@ pub trait StanzaHook: Send + Sync {
 pub trait SessionHook: Send + Sync {
     /// A resource was bound.
     async fn bound(&self, _host: &dyn Host, _full: &FullJid) {}
+    /// A resource became able to receive messages sent to its bare JID: its initial presence,
+    /// or a priority that went from negative to non-negative, has been recorded (RFC 6121
+    /// §8.5.2.1). Called by the presence module after the resource counts as available.
+    async fn available(&self, _host: &dyn Host, _full: &FullJid) {}
     /// A bound session ended (logout, lost connection, replaced). `presence` is its last
     /// available presence if it had one; `directed` the entities it sent directed presence to
     /// (RFC 6121 §4.6.3), which are owed an unavailable. The session is already unbound.
