@@ -166,6 +166,8 @@ impl Restore for SledStore {
             &self.offline.queue,
             &self.archive.messages,
             &self.archive.counts,
+            &self.push.regs,
+            &self.push.queue,
         ] {
             prefixed_owners(t, &mut raw)?;
         }
@@ -240,6 +242,8 @@ impl Restore for SledStore {
             &self.archive.by_with,
             &self.archive.ids,
             &self.archive.counts,
+            &self.push.regs,
+            &self.push.queue,
         ] {
             if has_prefix(t, &prefix)? {
                 return Ok(true);
@@ -422,6 +426,7 @@ impl Restore for SledStore {
             .map_err(err("removing last activity"))?;
         self.offline.remove_owner(owner)?;
         self.archive.remove_owner(owner)?;
+        self.push.remove_owner(owner)?;
         if with_account {
             self.accounts
                 .remove(owner.as_str())
