@@ -14,6 +14,7 @@ mod durability;
 mod history;
 mod negotiation;
 mod portability;
+mod push;
 mod roster_presence;
 mod routing;
 mod services;

@@ -27,9 +27,9 @@
 //!   ([`worker`]) drains for the server's lifetime; it also resumes what a restart left. A
 //!   message writes its row without waiting for disk (the router's group commit flushes it with
 //!   the message; offline storage waits for that flush before the sender's next stanza is read);
-//!   the worker waits for the group commit before publishing. A publish in flight holds a lease
-//!   on its row (`request_timeout_ms` and a second), so a crash mid-publish means one retry
-//!   after restart, not a loss.
+//!   the worker leases the rows it is about to publish (`request_timeout_ms` and a second) and
+//!   waits for the group commit before publishing, so a crash mid-publish means one retry when
+//!   the lease ends after the restart, not a loss.
 //! - Bursts: the first message after a quiet period is published at once; the messages within
 //!   `[push] coalesce_window_ms` after a publish produce at most one more, at the end of the
 //!   window, carrying the count then.
@@ -526,11 +526,7 @@ pub async fn pass(
     if due.is_empty() {
         return Ok(0);
     }
-    // What is published is on disk first, so a crash cannot forget a notification that went out
-    // half-way (group commit: cheap when nothing is waiting).
-    if let Err(e) = host.durable().await {
-        tracing::warn!(error = %e, "push: flush before publishing failed");
-    }
+    let mut leased_rows = Vec::new();
     let settings = host.settings().push.clone();
     let unacked = Duration::from_millis(settings.inactive_unacked_ms);
     for (key, job) in &due {
@@ -595,19 +591,30 @@ pub async fn pass(
                 let Some(leased) = leased.filter(|j| j.pending) else {
                     continue;
                 };
-                let Ok(permit) = limit.clone().acquire_owned().await else {
-                    // Never closed; the lease makes the row come back anyway.
-                    continue;
-                };
-                let host = host.clone();
-                let key = key.clone();
-                let settings = settings.clone();
-                sends.spawn(async move {
-                    let _permit = permit;
-                    publish(host.as_ref(), &key, &reg, leased, &settings, now).await;
-                });
+                leased_rows.push((key.clone(), reg, leased));
             }
         }
+    }
+    if leased_rows.is_empty() {
+        return Ok(due.len());
+    }
+    // The rows and their leases are on disk before anything is published (one group commit
+    // for the pass): after a crash a notification is published again once its lease ends, never
+    // forgotten, and not at once either.
+    if let Err(e) = host.durable().await {
+        tracing::warn!(error = %e, "push: flush before publishing failed");
+    }
+    for (key, reg, leased) in leased_rows {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            // Never closed; the lease makes the row come back anyway.
+            continue;
+        };
+        let host = host.clone();
+        let settings = settings.clone();
+        sends.spawn(async move {
+            let _permit = permit;
+            publish(host.as_ref(), &key, &reg, leased, &settings, now).await;
+        });
     }
     Ok(due.len())
 }
