@@ -672,13 +672,14 @@ pub async fn export(ctx: &Context<'_>, path: &str) -> anyhow::Result<Vec<String>
         return Err(anyhow!(e).context(format!("cannot write {}", path.display())));
     }
     let mut lines = vec![format!(
-        "exported {} accounts on {} hosts to {}: {} roster items, {} offline messages, {} archived messages",
+        "exported {} accounts on {} hosts to {}: {} roster items, {} offline messages, {} archived messages, {} push registrations",
         stats.accounts,
         stats.hosts,
         path.display(),
         stats.roster_items,
         stats.offline,
-        stats.archived
+        stats.archived,
+        stats.push_registrations
     )];
     if stats.users > stats.accounts {
         lines.push(format!(
@@ -1080,6 +1081,7 @@ struct ImportStats {
     roster_items: u64,
     offline: u64,
     archived: u64,
+    push_registrations: u64,
 }
 
 struct Importer<'a> {
@@ -1475,6 +1477,7 @@ impl<'a> Importer<'a> {
                     "push registration {jid} {node:?} appears twice"
                 );
                 u.push.push(PushRegistration { jid, node, options });
+                self.stats.push_registrations += 1;
             }
             ("no-account", NS_EXT) => self.user()?.no_account = true,
             (name, ns) => {
@@ -1839,13 +1842,14 @@ pub async fn import(ctx: &Context<'_>, path: &str) -> anyhow::Result<Vec<String>
 
     let s = &check.stats;
     let mut lines = vec![format!(
-        "imported {} accounts on {} hosts ({}): {} roster items, {} offline messages, {} archived messages",
+        "imported {} accounts on {} hosts ({}): {} roster items, {} offline messages, {} archived messages, {} push registrations",
         s.accounts,
         s.hosts.len(),
         s.hosts.iter().cloned().collect::<Vec<_>>().join(", "),
         s.roster_items,
         s.offline,
-        s.archived
+        s.archived,
+        s.push_registrations
     )];
     if s.users > s.accounts {
         lines.push(format!(
@@ -2320,7 +2324,7 @@ mod tests {
         let st = stores_of(s);
         let lines = import(&ctx(&st), file.to_str().unwrap()).await.unwrap();
         assert!(
-            lines[0].starts_with("imported 1 accounts on 1 hosts (capulet.lit): 3 roster items, 2 offline messages, 2 archived messages"),
+            lines[0].starts_with("imported 1 accounts on 1 hosts (capulet.lit): 3 roster items, 2 offline messages, 2 archived messages, 1 push registrations"),
             "{lines:?}"
         );
         assert!(lines

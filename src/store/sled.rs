@@ -297,7 +297,30 @@ mod tests {
         };
         assert_eq!(RosterStore::put(&s, &jid("a@x"), &item).await.unwrap(), 1);
         assert_eq!(s.items(&jid("a@x")).await.unwrap(), vec![item]);
+        use halyard_xep::host::{PushJob, PushKey, PushRegistration, PushStore};
+        let reg = PushRegistration {
+            jid: "push.x".into(),
+            node: "n".into(),
+            options: None,
+        };
+        s.push.put_registration(&jid("a@x"), &reg).await.unwrap();
+        let key = PushKey {
+            owner: jid("a@x"),
+            jid: "push.x".into(),
+            node: "n".into(),
+        };
+        let due = |_| {
+            Some(PushJob {
+                pending: true,
+                due_micros: Some(1),
+                ..Default::default()
+            })
+        };
+        s.push.update_job(&key, &due).await.unwrap();
         AccountStore::remove(&s, &jid("a@x")).await.unwrap();
+        for tree in [&s.push.regs, &s.push.queue, &s.push.due] {
+            assert!(tree.is_empty(), "push rows go with the account");
+        }
         assert!(s.items(&jid("a@x")).await.unwrap().is_empty());
         assert_eq!(s.version(&jid("a@x")).await.unwrap(), 0);
         assert!(AccountStore::get(&s, &jid("a@x")).await.unwrap().is_none());
