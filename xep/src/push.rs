@@ -480,6 +480,8 @@ async fn publish(
                         j.pending = false;
                         j.due_micros = None;
                         j.attempts = 0;
+                        // The next message may notify at once.
+                        j.not_before_micros = now;
                         j
                     })
                 };
