@@ -48,6 +48,8 @@ pub struct Config {
     pub stream_management: StreamManagement,
     /// XEP-0352 client state indication.
     pub csi: Csi,
+    /// XEP-0357 push notifications.
+    pub push: halyard_xep::host::PushSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,6 +198,7 @@ impl Default for Config {
             offline: Default::default(),
             stream_management: Default::default(),
             csi: Default::default(),
+            push: Default::default(),
         }
     }
 }
@@ -356,6 +359,13 @@ impl Config {
         }
         if self.storage.group_commit_ms > 1000 {
             problems.push("storage.group_commit_ms above 1000 would hold every offline message for over a second: use a few milliseconds".into());
+        }
+        let p = &self.push;
+        if p.request_timeout_ms < 100 || p.retry_base_ms == 0 || p.retry_max_ms < p.retry_base_ms {
+            problems.push("push.request_timeout_ms must be at least 100, push.retry_base_ms at least 1 and push.retry_max_ms at least retry_base_ms".into());
+        }
+        if p.max_attempts == 0 || p.max_in_flight == 0 {
+            problems.push("push.max_attempts and push.max_in_flight must be at least 1".into());
         }
         if self.auth.max_failures_per_connection == 0 {
             problems.push("auth.max_failures_per_connection must be at least 1".into());

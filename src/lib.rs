@@ -117,6 +117,18 @@ pub async fn serve(
     }
     let admin = admin::socket::bind(&config.data_dir).await?;
     set.spawn(admin::socket::serve(admin, server.clone()));
+    {
+        // XEP-0357: the notification queue's worker, for the node's lifetime; it resumes what
+        // the queue holds from before a restart.
+        let host: Arc<dyn halyard_xep::Host> = server.clone();
+        let mut sd = shutdown.clone();
+        set.spawn(async move {
+            tokio::select! {
+                _ = halyard_xep::push::worker(host) => {}
+                _ = crate::server::until_shutdown(&mut sd) => {}
+            }
+        });
+    }
     if config.archive.expire_after > 0 {
         set.spawn(maintenance::retention(
             server.clone(),

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use halyard_xep::host::{
-    ArchiveStore, Host, LastActivityStore, ModuleSettings, OfflineStore, ResourceInfo, RosterStore,
-    StoreResult,
+    ArchiveStore, Host, LastActivityStore, ModuleSettings, OfflineStore, PushStore, ResourceInfo,
+    RosterStore, StoreResult,
 };
 use halyard_xep::Registry;
 use halyard_xep::Stanza;
@@ -72,6 +72,7 @@ impl Server {
         let settings = ModuleSettings {
             archive: config.archive.clone(),
             offline: config.offline.clone(),
+            push: config.push.clone(),
         };
         Server {
             config,
@@ -222,6 +223,10 @@ impl Host for Server {
 
     fn offline(&self) -> &dyn OfflineStore {
         self.stores.offline.as_ref()
+    }
+
+    fn push(&self) -> &dyn PushStore {
+        self.stores.push.as_ref()
     }
 
     async fn durable(&self) -> StoreResult<()> {

@@ -29,7 +29,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, ensure, Context as _};
 use base64::Engine;
 use halyard_xep::host::{
-    ArchiveKey, ArchivePrefs, KeyRange, LastActivity, OfflineMessage, RosterItem, Subscription,
+    ArchiveKey, ArchivePrefs, KeyRange, LastActivity, OfflineMessage, PushRegistration, RosterItem,
+    Subscription,
 };
 use jid::{BareJid, Jid};
 use minidom::rxml::{self, RawEvent};
@@ -51,6 +52,7 @@ const NS_CLIENT: &str = "jabber:client";
 const NS_MAM: &str = "urn:xmpp:mam:2";
 const NS_FORWARD: &str = "urn:xmpp:forward:0";
 const NS_DELAY: &str = "urn:xmpp:delay";
+const NS_DATA_FORMS: &str = "jabber:x:data";
 const NS_XINCLUDE: &str = "http://www.w3.org/2001/XInclude";
 
 /// Version of our extensions, in `<format xmlns='urn:halyard:pie:0' version='1'/>`.
@@ -306,6 +308,7 @@ pub struct ExportStats {
     pub roster_items: u64,
     pub offline: u64,
     pub archived: u64,
+    pub push_registrations: u64,
     /// Stanzas that were not in canonical form and went out as base64.
     pub raw_stanzas: u64,
     /// Owners that could not be written (no user part).
@@ -503,6 +506,28 @@ async fn write_user<W: Write + Send>(
         }
         o.push("</prefs>\n");
     }
+    // XEP-0357 registrations. The notification queue is not exported: it only holds wake-ups
+    // for devices of this server's users, owed for messages that travel in the offline queue and
+    // the archive; after an import the next message notifies again.
+    for reg in stores.push.registrations(jid).await? {
+        o.push("      <push-registration xmlns='urn:halyard:pie:0'");
+        o.attr("jid", &reg.jid)?;
+        o.attr("node", &reg.node)?;
+        match &reg.options {
+            None => o.push("/>\n"),
+            Some(opts) => {
+                o.push(">");
+                if canonical(opts).is_some_and(|el| el.is("x", NS_DATA_FORMS)) {
+                    o.push(opts);
+                } else {
+                    stats.raw_stanzas += 1;
+                    write_raw(o, opts, &[])?;
+                }
+                o.push("</push-registration>\n");
+            }
+        }
+        stats.push_registrations += 1;
+    }
 
     // Offline messages (XEP-0160), oldest first, each with a delay stamp (as XEP-0227 shows)
     // and our marker carrying its exact sequence number and time.
@@ -653,13 +678,14 @@ pub async fn export(ctx: &Context<'_>, path: &str) -> anyhow::Result<Vec<String>
         return Err(anyhow!(e).context(format!("cannot write {}", path.display())));
     }
     let mut lines = vec![format!(
-        "exported {} accounts on {} hosts to {}: {} roster items, {} offline messages, {} archived messages",
+        "exported {} accounts on {} hosts to {}: {} roster items, {} offline messages, {} archived messages, {} push registrations",
         stats.accounts,
         stats.hosts,
         path.display(),
         stats.roster_items,
         stats.offline,
-        stats.archived
+        stats.archived,
+        stats.push_registrations
     )];
     if stats.users > stats.accounts {
         lines.push(format!(
@@ -1048,6 +1074,7 @@ struct UserState {
     prefs: Option<ArchivePrefs>,
     offline_meta: Option<(u64, u64)>,
     offline_seqs: BTreeSet<u64>,
+    push: Vec<PushRegistration>,
     /// Something was written for this user (so a failure must undo it).
     wrote: bool,
 }
@@ -1060,6 +1087,7 @@ struct ImportStats {
     roster_items: u64,
     offline: u64,
     archived: u64,
+    push_registrations: u64,
 }
 
 struct Importer<'a> {
@@ -1428,6 +1456,35 @@ impl<'a> Importer<'a> {
                     "two <offline-state/>"
                 );
             }
+            ("push-registration", NS_EXT) => {
+                let raw = el.attr("jid").context("<push-registration/> without jid")?;
+                let jid = Jid::new(raw)
+                    .with_context(|| format!("push registration jid {raw:?} is not a JID"))?
+                    .to_string();
+                let node = el
+                    .attr("node")
+                    .filter(|n| !n.is_empty())
+                    .context("<push-registration/> without node")?
+                    .to_string();
+                let mut children = el.children();
+                let options = match (children.next(), children.next()) {
+                    (None, _) => None,
+                    (Some(x), None) if x.is("x", NS_DATA_FORMS) => Some(String::from(x)),
+                    (Some(r), None) if r.is("raw-stanza", NS_EXT) => {
+                        Some(b64_string("<raw-stanza/>", &r.text())?)
+                    }
+                    _ => {
+                        bail!("<push-registration/> holds at most one data form (or <raw-stanza/>)")
+                    }
+                };
+                let u = self.user()?;
+                ensure!(
+                    !u.push.iter().any(|r| r.jid == jid && r.node == node),
+                    "push registration {jid} {node:?} appears twice"
+                );
+                u.push.push(PushRegistration { jid, node, options });
+                self.stats.push_registrations += 1;
+            }
             ("no-account", NS_EXT) => self.user()?.no_account = true,
             (name, ns) => {
                 let what = match ns {
@@ -1700,6 +1757,9 @@ impl<'a> Importer<'a> {
         if let Some((next, count)) = u.offline_meta {
             r.set_offline_meta(jid, next, count).await?;
         }
+        for reg in &u.push {
+            self.ctx.stores.push.put_registration(jid, reg).await?;
+        }
         if let Some(a) = account {
             match r.put_account(jid, a).await {
                 Ok(()) => {}
@@ -1803,13 +1863,14 @@ pub async fn import(ctx: &Context<'_>, path: &str) -> anyhow::Result<Vec<String>
 
     let s = &check.stats;
     let mut lines = vec![format!(
-        "imported {} accounts on {} hosts ({}): {} roster items, {} offline messages, {} archived messages",
+        "imported {} accounts on {} hosts ({}): {} roster items, {} offline messages, {} archived messages, {} push registrations",
         s.accounts,
         s.hosts.len(),
         s.hosts.iter().cloned().collect::<Vec<_>>().join(", "),
         s.roster_items,
         s.offline,
-        s.archived
+        s.archived,
+        s.push_registrations
     )];
     if s.users > s.accounts {
         lines.push(format!(
@@ -1834,6 +1895,7 @@ mod tests {
     use super::*;
     use crate::store::group_commit::GroupCommit;
     use crate::store::sled::SledStore;
+    use crate::store::trees;
 
     fn j(s: &str) -> BareJid {
         BareJid::new(s).unwrap()
@@ -1846,6 +1908,7 @@ mod tests {
             roster: s.clone(),
             archive: s.archive.clone(),
             offline: s.offline.clone(),
+            push: s.push.clone(),
             restore: s.clone(),
             last: s.clone(),
             durable: Arc::new(GroupCommit::start(s.db.clone(), std::time::Duration::ZERO)),
@@ -2003,6 +2066,48 @@ mod tests {
             .append(&j("bob@x"), &Jid::new("alice@x/r").unwrap(), 7, &m1)
             .await
             .unwrap();
+        // XEP-0357 registrations: options as a canonical form, as other bytes, and none; and a
+        // queued notification (not exported).
+        let form = canon("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field><field var='secret'><value>s3cr&lt;t</value></field></x>");
+        for (jid, node, options) in [
+            ("push.x", "n1", Some(form)),
+            (
+                "push.x",
+                "n2",
+                Some("<x xmlns=\"jabber:x:data\"/>".to_string()),
+            ),
+            ("app.example/res", "dev ice", None),
+        ] {
+            s.push
+                .put_registration(
+                    &a,
+                    &PushRegistration {
+                        jid: jid.into(),
+                        node: node.into(),
+                        options,
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        s.push
+            .update_job(
+                &halyard_xep::host::PushKey {
+                    owner: a.clone(),
+                    jid: "push.x".into(),
+                    node: "n1".into(),
+                },
+                &|_| {
+                    Some(halyard_xep::host::PushJob {
+                        count: 3,
+                        pending: true,
+                        due_micros: Some(5),
+                        ..Default::default()
+                    })
+                },
+            )
+            .await
+            .unwrap();
         // Rows without an account.
         s.roster
             .put(
@@ -2046,6 +2151,8 @@ mod tests {
         assert!(text.contains("<hidden-roster xmlns='urn:halyard:pie:0'>"));
         assert!(text.contains("<presence xmlns='jabber:client' from='carol@x'"));
         assert!(text.contains("<archive xmlns='urn:xmpp:pie:0#mam'>"));
+        assert!(text.contains("<push-registration xmlns='urn:halyard:pie:0' jid='push.x' node='n1'><x xmlns='jabber:x:data'"));
+        assert_eq!(stats.push_registrations, 3);
 
         let s2 = Arc::new(SledStore::open(d2.path(), 1 << 24).unwrap());
         let st2 = stores_of(s2.clone());
@@ -2054,7 +2161,14 @@ mod tests {
             lines[0].starts_with("imported 2 accounts on 2 hosts"),
             "{lines:?}"
         );
-        assert_eq!(dump(&s1.db), dump(&s2.db));
+        // The push queue is not exported (see write_user): apart from it, identical trees.
+        let (mut t1, t2) = (dump(&s1.db), dump(&s2.db));
+        for tree in [trees::PUSH_QUEUE, trees::PUSH_DUE] {
+            let rows = t1.get_mut(tree.as_bytes()).unwrap();
+            assert_eq!(rows.len(), 1, "{tree} was filled");
+            rows.clear();
+        }
+        assert_eq!(t1, t2);
 
         // Exporting the copy gives the same file.
         let again = d2.path().join("again.xml");
@@ -2231,7 +2345,7 @@ mod tests {
         let st = stores_of(s);
         let lines = import(&ctx(&st), file.to_str().unwrap()).await.unwrap();
         assert!(
-            lines[0].starts_with("imported 1 accounts on 1 hosts (capulet.lit): 3 roster items, 2 offline messages, 2 archived messages"),
+            lines[0].starts_with("imported 1 accounts on 1 hosts (capulet.lit): 3 roster items, 2 offline messages, 2 archived messages, 1 push registrations"),
             "{lines:?}"
         );
         assert!(lines

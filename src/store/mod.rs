@@ -7,6 +7,7 @@
 pub mod archive;
 pub mod group_commit;
 pub mod offline;
+pub mod push;
 pub mod restore;
 pub mod sled;
 pub mod trees;
@@ -15,7 +16,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use halyard_xep::host::{ArchiveStore, LastActivityStore, OfflineStore, RosterStore, StoreResult};
+use halyard_xep::host::{
+    ArchiveStore, LastActivityStore, OfflineStore, PushStore, RosterStore, StoreResult,
+};
 use jid::BareJid;
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +87,8 @@ pub struct Stores {
     pub last: Arc<dyn LastActivityStore>,
     pub archive: Arc<dyn ArchiveStore>,
     pub offline: Arc<dyn OfflineStore>,
+    /// XEP-0357 registrations and the notification queue.
+    pub push: Arc<dyn PushStore>,
     /// Exact reads and writes for export and import (`halyard export|import`).
     pub restore: Arc<dyn restore::Restore>,
     /// Group commit: waits until every earlier write is on disk.
@@ -109,6 +114,7 @@ impl Stores {
             roster: s.clone(),
             archive: s.archive.clone(),
             offline: s.offline.clone(),
+            push: s.push.clone(),
             restore: s.clone(),
             last: s,
             durable: Arc::new(group_commit::GroupCommit::start(db, group_commit)),

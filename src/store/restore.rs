@@ -169,7 +169,13 @@ impl Restore for SledStore {
         ] {
             keyed_owners(t, &mut raw)?;
         }
-        for t in [&self.roster, &self.offline.queue, &self.archive.messages] {
+        for t in [
+            &self.roster,
+            &self.offline.queue,
+            &self.archive.messages,
+            &self.push.regs,
+            &self.push.queue,
+        ] {
             prefixed_owners(t, &mut raw)?;
         }
         let mut out = Vec::with_capacity(raw.len());
@@ -242,6 +248,8 @@ impl Restore for SledStore {
             &self.archive.messages,
             &self.archive.by_with,
             &self.archive.ids,
+            &self.push.regs,
+            &self.push.queue,
         ] {
             if has_prefix(t, &prefix)? {
                 return Ok(true);
@@ -422,6 +430,7 @@ impl Restore for SledStore {
             .map_err(err("removing last activity"))?;
         self.offline.remove_owner(owner)?;
         self.archive.remove_owner(owner)?;
+        self.push.remove_owner(owner)?;
         if with_account {
             self.accounts
                 .remove(owner.as_str())

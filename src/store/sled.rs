@@ -19,6 +19,7 @@ pub struct SledStore {
     pub db: sled::Db,
     pub archive: std::sync::Arc<super::archive::SledArchive>,
     pub offline: std::sync::Arc<super::offline::SledOffline>,
+    pub push: std::sync::Arc<super::push::SledPush>,
     pub(crate) accounts: sled::Tree,
     pub(crate) roster: sled::Tree,
     pub(crate) roster_version: sled::Tree,
@@ -57,6 +58,7 @@ impl SledStore {
         Ok(SledStore {
             archive: std::sync::Arc::new(super::archive::SledArchive::open(&db)?),
             offline: std::sync::Arc::new(super::offline::SledOffline::open(&db)?),
+            push: std::sync::Arc::new(super::push::SledPush::open(&db)?),
             accounts: open(trees::ACCOUNTS)?,
             roster: open(trees::ROSTER)?,
             roster_version: open(trees::ROSTER_VERSION)?,
@@ -177,6 +179,7 @@ impl AccountStore for SledStore {
             .map_err(err("removing last activity"))?;
         self.offline.remove_owner(user)?;
         self.archive.remove_owner(user)?;
+        self.push.remove_owner(user)?;
         self.flush_async("account removal").await?;
         Ok(())
     }
@@ -294,7 +297,30 @@ mod tests {
         };
         assert_eq!(RosterStore::put(&s, &jid("a@x"), &item).await.unwrap(), 1);
         assert_eq!(s.items(&jid("a@x")).await.unwrap(), vec![item]);
+        use halyard_xep::host::{PushJob, PushKey, PushRegistration, PushStore};
+        let reg = PushRegistration {
+            jid: "push.x".into(),
+            node: "n".into(),
+            options: None,
+        };
+        s.push.put_registration(&jid("a@x"), &reg).await.unwrap();
+        let key = PushKey {
+            owner: jid("a@x"),
+            jid: "push.x".into(),
+            node: "n".into(),
+        };
+        let due = |_| {
+            Some(PushJob {
+                pending: true,
+                due_micros: Some(1),
+                ..Default::default()
+            })
+        };
+        s.push.update_job(&key, &due).await.unwrap();
         AccountStore::remove(&s, &jid("a@x")).await.unwrap();
+        for tree in [&s.push.regs, &s.push.queue, &s.push.due] {
+            assert!(tree.is_empty(), "push rows go with the account");
+        }
         assert!(s.items(&jid("a@x")).await.unwrap().is_empty());
         assert_eq!(s.version(&jid("a@x")).await.unwrap(), 0);
         assert!(AccountStore::get(&s, &jid("a@x")).await.unwrap().is_none());

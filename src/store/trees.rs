@@ -21,6 +21,9 @@ pub const OWNED_BY_ACCOUNT: &[&str] = &[
     ARCHIVE_WITH,
     ARCHIVE_IDS,
     ARCHIVE_PREFS,
+    PUSH_REGISTRATIONS,
+    PUSH_QUEUE,
+    PUSH_DUE,
 ];
 
 /// `owner \0` — the prefix of an owner's rows in a prefixed tree.
@@ -53,3 +56,12 @@ pub const ARCHIVE_WITH: &str = "archive_with";
 pub const ARCHIVE_IDS: &str = "archive_ids";
 /// Owner bare JID → JSON `ArchivePrefs`.
 pub const ARCHIVE_PREFS: &str = "archive_prefs";
+
+/// `owner \0 service_jid \0 node` → JSON [`halyard_xep::host::PushRegistration`] (XEP-0357).
+pub const PUSH_REGISTRATIONS: &str = "push_registrations";
+/// `owner \0 service_jid \0 node` → JSON [`halyard_xep::host::PushJob`]: the durable
+/// notification queue, one row per registration with something owed or counted.
+pub const PUSH_QUEUE: &str = "push_queue";
+/// `due_be ‖ owner \0 service_jid \0 node` → empty: `push_queue` by due time. Not prefixed by
+/// owner: its entries are removed with their queue rows.
+pub const PUSH_DUE: &str = "push_due";

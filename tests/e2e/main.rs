@@ -15,6 +15,7 @@ mod history;
 mod mobile;
 mod negotiation;
 mod portability;
+mod push;
 mod roster_presence;
 mod routing;
 mod services;

@@ -102,6 +102,8 @@ pub trait Host: Send + Sync {
     fn last_activity(&self) -> &dyn LastActivityStore;
     fn archive(&self) -> &dyn ArchiveStore;
     fn offline(&self) -> &dyn OfflineStore;
+    /// XEP-0357 push registrations and the durable notification queue.
+    fn push(&self) -> &dyn PushStore;
     /// Waits until every write made before the call is on disk (group commit: one flush serves
     /// every caller waiting in the same window). Call it before telling anyone a stored message
     /// is safe; live delivery never waits on it.
@@ -151,10 +153,56 @@ impl Default for OfflineSettings {
     }
 }
 
+/// The `[push]` section (XEP-0357 push notifications).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushSettings {
+    /// After a notification is published for a registration, further messages within this many
+    /// milliseconds are gathered into at most one more notification, sent when it ends.
+    pub coalesce_window_ms: u64,
+    /// A user whose only live streams are CSI-inactive is notified once one of them has left a
+    /// stanza unacknowledged (XEP-0198) for this many milliseconds.
+    pub inactive_unacked_ms: u64,
+    /// Put the message body in notifications (`last-message-body`). Off by default: the body
+    /// then crosses the app server and the platform's push service.
+    pub include_body: bool,
+    /// How long to wait for an app server's answer to a publish, in milliseconds; no answer
+    /// counts as a transient failure.
+    pub request_timeout_ms: u64,
+    /// The first retry after a transient failure waits this many milliseconds; each further one
+    /// twice as long...
+    pub retry_base_ms: u64,
+    /// ...up to this many.
+    pub retry_max_ms: u64,
+    /// Attempts at one notification before it is dropped (the registration stays enabled).
+    pub max_attempts: u32,
+    /// Publishes awaiting an answer at once, over all users.
+    pub max_in_flight: usize,
+    /// Registrations one account may hold; beyond it `enable` fails with `not-allowed`.
+    pub max_registrations: usize,
+}
+
+impl Default for PushSettings {
+    fn default() -> Self {
+        PushSettings {
+            coalesce_window_ms: 5_000,
+            inactive_unacked_ms: 10_000,
+            include_body: false,
+            request_timeout_ms: 30_000,
+            retry_base_ms: 2_000,
+            retry_max_ms: 300_000,
+            max_attempts: 12,
+            max_in_flight: 64,
+            max_registrations: 20,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModuleSettings {
     pub archive: ArchiveSettings,
     pub offline: OfflineSettings,
+    pub push: PushSettings,
 }
 
 /// Parses `"365d"`, `"12h"`, `"30m"`, `"45s"`, a bare number of seconds, or `"off"`/`0`.
@@ -401,4 +449,91 @@ pub struct LastActivity {
 pub trait LastActivityStore: Send + Sync {
     async fn get(&self, user: &BareJid) -> StoreResult<Option<LastActivity>>;
     async fn set(&self, user: &BareJid, last: &LastActivity) -> StoreResult<()>;
+}
+
+/// One enabled XEP-0357 push service for an account: where to publish, and the publish options
+/// to send along.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushRegistration {
+    /// The app server (XMPP Push Service), a normalised JID.
+    pub jid: String,
+    /// Its pubsub node for this device.
+    pub node: String,
+    /// The `http://jabber.org/protocol/pubsub#publish-options` data form given at `enable`, as
+    /// XML; it may hold a secret, so it is never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<String>,
+}
+
+/// Which registration a queued notification is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PushKey {
+    pub owner: BareJid,
+    pub jid: String,
+    pub node: String,
+}
+
+/// The notification state of one registration, a row of the durable queue. The `push` module
+/// owns its meaning; stores keep it and index it by `due_micros`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushJob {
+    /// Messages counted since the user was last reachable (`message-count`).
+    pub count: u64,
+    /// The bare JID of the last message's sender.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sender: Option<String>,
+    /// The last message's body, only kept when `[push] include_body` is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_body: Option<String>,
+    /// Bumped with every message, so an answer to a publish knows whether newer messages came.
+    pub rev: u64,
+    /// A notification is owed (else the row only remembers the count and the coalescing window).
+    pub pending: bool,
+    /// When the worker should look at the row next, microseconds since the Unix epoch; `None`
+    /// leaves it out of the due index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_micros: Option<u64>,
+    /// No publish before this time (microseconds since the Unix epoch; 0: none): the end of the
+    /// coalescing window after a publish, of a backoff, or of the lease of a publish in flight.
+    #[serde(default)]
+    pub not_before_micros: u64,
+    /// Failed attempts at the owed notification.
+    #[serde(default)]
+    pub attempts: u32,
+}
+
+/// A change to one queue row: gets the row (`None` when absent) and returns what to store
+/// (`None` removes it). Stores may call it more than once (optimistic transactions).
+pub type PushJobUpdate<'a> = &'a (dyn Fn(Option<PushJob>) -> Option<PushJob> + Send + Sync);
+
+/// XEP-0357 registrations per account, and the durable notification queue: one row per
+/// registration, indexed by when it is due.
+#[async_trait]
+pub trait PushStore: Send + Sync {
+    /// `owner`'s registrations, ordered by app server JID then node.
+    async fn registrations(&self, owner: &BareJid) -> StoreResult<Vec<PushRegistration>>;
+    /// Adds a registration, or replaces the one with the same JID and node. Not flushed.
+    async fn put_registration(&self, owner: &BareJid, reg: &PushRegistration) -> StoreResult<()>;
+    /// Removes `owner`'s registrations for `jid` (only `node`'s when given) with their queue
+    /// rows; returns how many registrations were removed. Not flushed.
+    async fn remove_registrations(
+        &self,
+        owner: &BareJid,
+        jid: &str,
+        node: Option<&str>,
+    ) -> StoreResult<usize>;
+    /// Applies `f` to a queue row atomically, keeping the due index in step, and returns the
+    /// row as stored. Wakes the worker ([`PushStore::wakeup`]) when the row is due at some
+    /// point. Not flushed.
+    async fn update_job(&self, key: &PushKey, f: PushJobUpdate<'_>)
+        -> StoreResult<Option<PushJob>>;
+    /// Up to `limit` rows due at or before `now_micros`, earliest first.
+    async fn due_jobs(&self, now_micros: u64, limit: usize)
+        -> StoreResult<Vec<(PushKey, PushJob)>>;
+    /// When the earliest row is due.
+    async fn next_due(&self) -> StoreResult<Option<u64>>;
+    /// Removes every queue row of `owner` (it became reachable: counts start again).
+    async fn clear_jobs(&self, owner: &BareJid) -> StoreResult<()>;
+    /// Signalled when a row may have become due sooner; the queue's worker waits on it.
+    fn wakeup(&self) -> &tokio::sync::Notify;
 }

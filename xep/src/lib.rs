@@ -13,7 +13,8 @@
 //!   through;
 //! - protocol modules: [`roster`], [`presence`] (RFC 6121), [`disco`] (XEP-0030), [`caps`]
 //!   (XEP-0115), [`ping`] (XEP-0199), [`version`] (XEP-0092), [`last`] (XEP-0012), [`offline`]
-//!   (XEP-0160), [`carbons`] (XEP-0280), [`mam`] (XEP-0313, with XEP-0359 and XEP-0334).
+//!   (XEP-0160), [`carbons`] (XEP-0280), [`mam`] (XEP-0313, with XEP-0359 and XEP-0334), [`push`]
+//!   (XEP-0357, with its durable notification queue).
 
 pub mod datetime;
 pub mod host;
@@ -32,6 +33,7 @@ pub mod mam;
 pub mod offline;
 pub mod ping;
 pub mod presence;
+pub mod push;
 pub mod roster;
 pub mod sm;
 pub mod version;
@@ -55,4 +57,5 @@ pub fn register_all(reg: &mut Registry) {
     ping::register(reg);
     version::register(reg);
     last::register(reg);
+    push::register(reg);
 }

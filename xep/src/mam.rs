@@ -205,27 +205,46 @@ async fn append(
     }
 }
 
+/// The parties of a message the archive may keep: the sender's full JID and the recipient as
+/// addressed, when a local user's session sends it to a local account (or, without `to`, to its
+/// own account). `None` for anything else, which is never archived.
+fn parties(host: &dyn Host, st: &Stanza, target: Target) -> Option<(Jid, Jid)> {
+    if target == Target::Host || st.kind != Kind::Message {
+        return None;
+    }
+    let sender_full = st.from.try_as_full().ok()?;
+    if !host.is_local_domain(sender_full.domain().as_str()) {
+        return None;
+    }
+    let sender_full: Jid = sender_full.clone().into();
+    let recipient_jid: Jid = st
+        .to
+        .clone()
+        .unwrap_or_else(|| sender_full.to_bare().into());
+    if recipient_jid.node().is_none() || !host.is_local_domain(recipient_jid.domain().as_str()) {
+        return None;
+    }
+    Some((sender_full, recipient_jid))
+}
+
+/// The recipient account whose archive this message belongs in by the archive's own rules
+/// (parties, type, payload and hints), whether or not archiving is enabled in the configuration
+/// and whatever the owners' preferences say. Other modules (push notifications) use it to ask
+/// "is this a message worth keeping" the same way the archive does.
+pub fn archivable_for(host: &dyn Host, st: &Stanza, target: Target) -> Option<BareJid> {
+    let (_, recipient) = parties(host, st, target)?;
+    is_archivable(st).then(|| recipient.to_bare())
+}
+
 struct ArchiveHook;
 
 #[async_trait]
 impl StanzaHook for ArchiveHook {
     async fn handle(&self, host: &dyn Host, st: &mut Stanza, target: Target) -> Flow {
-        if target == Target::Host || st.kind != Kind::Message {
-            return Flow::Pass;
-        }
-        let Ok(sender_full) = st.from.try_as_full() else {
+        let Some((sender_full, recipient_jid)) = parties(host, st, target) else {
             return Flow::Pass;
         };
-        if !host.is_local_domain(sender_full.domain().as_str()) {
-            return Flow::Pass;
-        }
-        let sender_full: Jid = sender_full.clone().into();
         let sender = sender_full.to_bare();
-        let recipient_jid: Jid = st.to.clone().unwrap_or_else(|| sender.clone().into());
-        if recipient_jid.node().is_none() || !host.is_local_domain(recipient_jid.domain().as_str())
-        {
-            return Flow::Pass;
-        }
         let recipient = recipient_jid.to_bare();
         strip_our_stanza_ids(host, &mut st.el, &sender, &recipient);
         if !host.settings().archive.enabled || !is_archivable(st) {

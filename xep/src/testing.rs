@@ -16,8 +16,8 @@ use minidom::Element;
 
 use crate::host::{
     ArchiveKey, ArchivePrefs, ArchiveStore, ArchivedMessage, Host, KeyRange, LastActivity,
-    LastActivityStore, ModuleSettings, OfflineMessage, OfflineStore, ResourceInfo, RosterItem,
-    RosterStore, StoreResult,
+    LastActivityStore, ModuleSettings, OfflineMessage, OfflineStore, PushJob, PushJobUpdate,
+    PushKey, PushRegistration, PushStore, ResourceInfo, RosterItem, RosterStore, StoreResult,
 };
 use crate::ns;
 use crate::registry::{Flow, IqReply, IqScope, Registry, Target};
@@ -161,6 +161,90 @@ impl OfflineStore for MemOffline {
     }
 }
 
+/// XEP-0357 registrations and notification queue in memory.
+#[derive(Default)]
+pub struct MemPush {
+    regs: Mutex<BTreeMap<(BareJid, String, String), PushRegistration>>,
+    pub jobs: Mutex<BTreeMap<PushKey, PushJob>>,
+    wake: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl PushStore for MemPush {
+    async fn registrations(&self, owner: &BareJid) -> StoreResult<Vec<PushRegistration>> {
+        Ok(lock(&self.regs)
+            .iter()
+            .filter(|((o, _, _), _)| o == owner)
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+    async fn put_registration(&self, owner: &BareJid, reg: &PushRegistration) -> StoreResult<()> {
+        lock(&self.regs).insert(
+            (owner.clone(), reg.jid.clone(), reg.node.clone()),
+            reg.clone(),
+        );
+        Ok(())
+    }
+    async fn remove_registrations(
+        &self,
+        owner: &BareJid,
+        jid: &str,
+        node: Option<&str>,
+    ) -> StoreResult<usize> {
+        let hit =
+            |o: &BareJid, j: &str, n: &str| o == owner && j == jid && node.is_none_or(|x| x == n);
+        let mut regs = lock(&self.regs);
+        let before = regs.len();
+        regs.retain(|(o, j, n), _| !hit(o, j, n));
+        lock(&self.jobs).retain(|k, _| !hit(&k.owner, &k.jid, &k.node));
+        Ok(before - regs.len())
+    }
+    async fn update_job(
+        &self,
+        key: &PushKey,
+        f: PushJobUpdate<'_>,
+    ) -> StoreResult<Option<PushJob>> {
+        let mut jobs = lock(&self.jobs);
+        let new = f(jobs.get(key).cloned());
+        match &new {
+            Some(j) => {
+                jobs.insert(key.clone(), j.clone());
+                if j.due_micros.is_some() {
+                    self.wake.notify_one();
+                }
+            }
+            None => {
+                jobs.remove(key);
+            }
+        }
+        Ok(new)
+    }
+    async fn due_jobs(
+        &self,
+        now_micros: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<(PushKey, PushJob)>> {
+        let mut due: Vec<(PushKey, PushJob)> = lock(&self.jobs)
+            .iter()
+            .filter(|(_, j)| j.due_micros.is_some_and(|d| d <= now_micros))
+            .map(|(k, j)| (k.clone(), j.clone()))
+            .collect();
+        due.sort_by_key(|(_, j)| j.due_micros);
+        due.truncate(limit);
+        Ok(due)
+    }
+    async fn next_due(&self) -> StoreResult<Option<u64>> {
+        Ok(lock(&self.jobs).values().filter_map(|j| j.due_micros).min())
+    }
+    async fn clear_jobs(&self, owner: &BareJid) -> StoreResult<()> {
+        lock(&self.jobs).retain(|k, _| k.owner != *owner);
+        Ok(())
+    }
+    fn wakeup(&self) -> &tokio::sync::Notify {
+        &self.wake
+    }
+}
+
 #[derive(Default)]
 pub struct MemLast(Mutex<HashMap<BareJid, LastActivity>>);
 
@@ -187,6 +271,7 @@ pub struct TestHost {
     /// Replaceable so that archive tests can plug in a full in-memory archive.
     pub archive: Box<dyn ArchiveStore>,
     offline: MemOffline,
+    pub push: MemPush,
     pub settings: ModuleSettings,
     delivered: Mutex<Vec<(FullJid, Element)>>,
     routed: Mutex<Vec<Element>>,
@@ -220,6 +305,7 @@ impl TestHost {
             roster: MemRoster::default(),
             archive: Box::new(NoArchive),
             offline: MemOffline::default(),
+            push: MemPush::default(),
             settings: ModuleSettings::default(),
             last: MemLast::default(),
             delivered: Mutex::default(),
@@ -232,6 +318,13 @@ impl TestHost {
     /// Binds a resource.
     pub fn bind(&self, jid: &str) {
         lock(&self.sessions).insert(full(jid), Session::default());
+    }
+
+    /// Changes a bound session's state (stream management, CSI) as those modules would.
+    pub fn with_session(&self, jid: &str, f: impl FnOnce(&mut Session)) {
+        if let Some(s) = lock(&self.sessions).get_mut(&full(jid)) {
+            f(s);
+        }
     }
 
     pub fn session(&self, jid: &str) -> Option<Session> {
@@ -496,6 +589,9 @@ impl Host for TestHost {
     }
     fn offline(&self) -> &dyn OfflineStore {
         &self.offline
+    }
+    fn push(&self) -> &dyn PushStore {
+        &self.push
     }
     async fn durable(&self) -> StoreResult<()> {
         Ok(())
