@@ -368,3 +368,87 @@ async fn a_queued_notification_survives_kill_9() {
     answer(&mut app, &p, "").await;
     no_publish(&mut app, Duration::from_millis(1_000), "delivered once").await;
 }
+
+/// A phone whose connection dropped (XEP-0198 hibernation) still counts as online, so its
+/// messages queue for it, and it is notified; resuming makes it live again.
+#[tokio::test]
+async fn a_hibernating_session_is_notified() {
+    let s = server(|_| {}).await;
+    let mut app = RawClient::login(&s, "appsrv", "pw", "push").await;
+    let mut bob = RawClient::login(&s, "bob", "pw", "phone").await;
+    let r = iq(
+        &mut bob,
+        "e1",
+        &format!("<enable xmlns='{PUSH}' jid='{APP}' node='n1'>{OPTIONS}</enable>"),
+    )
+    .await;
+    assert_eq!(r.attr("type"), Some("result"));
+    bob.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+        .await;
+    let enabled = bob.recv_until(|e| e.name() == "enabled").await;
+    assert!(enabled.attr("id").is_some());
+    bob.online().await;
+    let mut alice = RawClient::login(&s, "alice", "pw", "desk").await;
+    // Live and active: no push.
+    say(&mut alice, "while online").await;
+    bob.recv_until(|e| e.name() == "message").await;
+    no_publish(&mut app, Duration::from_millis(400), "bob is online").await;
+    // The connection drops without a close: the session hibernates.
+    drop(bob);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = Instant::now();
+    say(&mut alice, "while away").await;
+    let p = next_publish(&mut app).await;
+    eprintln!("message to publish (hibernating): {:?}", sent.elapsed());
+    assert_eq!(summary(&p, "message-count").as_deref(), Some("1"));
+    assert_eq!(
+        summary(&p, "last-message-sender").as_deref(),
+        Some("alice@localhost")
+    );
+    answer(&mut app, &p, "").await;
+}
+
+/// A phone that said it is inactive and then froze (its socket takes messages but it never
+/// acknowledges them) is notified once a message has waited unacknowledged for the configured
+/// time; one that acknowledges in time is not.
+#[tokio::test]
+async fn an_inactive_stream_that_stops_acknowledging_is_notified() {
+    let s = server(|c| c.push.inactive_unacked_ms = 700).await;
+    let mut app = RawClient::login(&s, "appsrv", "pw", "push").await;
+    let mut bob = RawClient::login(&s, "bob", "pw", "phone").await;
+    let r = iq(
+        &mut bob,
+        "e1",
+        &format!("<enable xmlns='{PUSH}' jid='{APP}' node='n1'>{OPTIONS}</enable>"),
+    )
+    .await;
+    assert_eq!(r.attr("type"), Some("result"));
+    bob.send("<enable xmlns='urn:xmpp:sm:3'/>").await;
+    bob.recv_until(|e| e.name() == "enabled").await;
+    bob.online().await;
+    bob.send("<inactive xmlns='urn:xmpp:csi:0'/>").await;
+    let mut alice = RawClient::login(&s, "alice", "pw", "desk").await;
+
+    // Acknowledged in time: no push.
+    say(&mut alice, "first").await;
+    bob.recv_until(|e| e.name() == "message").await;
+    // (Its own presence and the message.)
+    bob.send("<a xmlns='urn:xmpp:sm:3' h='2'/>").await;
+    bob.send("<iq type='get' id='alive' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
+    let pong = bob.recv_until(|e| e.attr("id") == Some("alive")).await;
+    assert_eq!(pong.attr("type"), Some("result"), "the stream is fine");
+    no_publish(
+        &mut app,
+        Duration::from_millis(1200),
+        "acknowledged in time",
+    )
+    .await;
+
+    // Frozen: the message is written but never acknowledged.
+    say(&mut alice, "second").await;
+    bob.recv_until(|e| e.name() == "message").await;
+    let p = next_publish(&mut app).await;
+    assert_eq!(summary(&p, "message-count").as_deref(), Some("1"));
+    answer(&mut app, &p, "").await;
+}
