@@ -438,6 +438,7 @@ async fn an_inactive_stream_that_stops_acknowledging_is_notified() {
         .await;
     let pong = bob.recv_until(|e| e.attr("id") == Some("alive")).await;
     assert_eq!(pong.attr("type"), Some("result"), "the stream is fine");
+    bob.send("<a xmlns='urn:xmpp:sm:3' h='3'/>").await;
     no_publish(
         &mut app,
         Duration::from_millis(1200),
