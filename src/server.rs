@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -42,6 +42,8 @@ pub struct Server {
     settings: ModuleSettings,
     /// The server's own iq requests ([`Host::request`]) waiting for their answer, by id.
     pending: dashmap::DashMap<String, PendingRequest>,
+    /// The XEP-0357 app server component, when `[appserver]` enables it (also in the registry).
+    pub appserver: Option<Arc<crate::appserver::AppServer>>,
 }
 
 /// An iq the server sent and whose result or error it awaits.
@@ -57,9 +59,21 @@ impl Server {
         stores: Stores,
         tls: Option<Tls>,
         shutdown: watch::Receiver<bool>,
-    ) -> Server {
+    ) -> anyhow::Result<Server> {
         let mut registry = Registry::new();
         halyard_xep::register_all(&mut registry);
+        let appserver = if config.appserver.enabled {
+            let domain = config.appserver.domain_for(config.primary_domain());
+            let a = Arc::new(crate::appserver::AppServer::from_config(
+                &config.appserver,
+                domain.clone(),
+                stores.appserver.clone(),
+            )?);
+            registry.component(domain, a.clone());
+            Some(a)
+        } else {
+            None
+        };
         let caps = halyard_xep::caps::element(&registry);
         let mut secret = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut secret);
@@ -71,7 +85,7 @@ impl Server {
             archive: config.archive.clone(),
             offline: config.offline.clone(),
         };
-        Server {
+        Ok(Server {
             config,
             registry,
             sessions: Sessions::new(),
@@ -86,7 +100,8 @@ impl Server {
             shutdown,
             settings,
             pending: dashmap::DashMap::new(),
-        }
+            appserver,
+        })
     }
 
     pub fn next_conn_id(&self) -> u64 {

@@ -1825,6 +1825,7 @@ mod tests {
             roster: s.clone(),
             archive: s.archive.clone(),
             offline: s.offline.clone(),
+            appserver: s.appserver.clone(),
             restore: s.clone(),
             last: s.clone(),
             durable: Arc::new(GroupCommit::start(s.db.clone(), std::time::Duration::ZERO)),

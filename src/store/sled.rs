@@ -19,6 +19,7 @@ pub struct SledStore {
     pub db: sled::Db,
     pub archive: std::sync::Arc<super::archive::SledArchive>,
     pub offline: std::sync::Arc<super::offline::SledOffline>,
+    pub appserver: std::sync::Arc<super::appserver::SledRegistrations>,
     pub(crate) accounts: sled::Tree,
     pub(crate) roster: sled::Tree,
     pub(crate) roster_version: sled::Tree,
@@ -57,6 +58,7 @@ impl SledStore {
         Ok(SledStore {
             archive: std::sync::Arc::new(super::archive::SledArchive::open(&db)?),
             offline: std::sync::Arc::new(super::offline::SledOffline::open(&db)?),
+            appserver: std::sync::Arc::new(super::appserver::SledRegistrations::open(&db)?),
             accounts: open(trees::ACCOUNTS)?,
             roster: open(trees::ROSTER)?,
             roster_version: open(trees::ROSTER_VERSION)?,
@@ -177,6 +179,7 @@ impl AccountStore for SledStore {
             .map_err(err("removing last activity"))?;
         self.offline.remove_owner(user)?;
         self.archive.remove_owner(user)?;
+        self.appserver.remove_owner(user)?;
         self.flush_async("account removal").await?;
         Ok(())
     }

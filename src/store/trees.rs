@@ -55,3 +55,9 @@ pub const ARCHIVE_IDS: &str = "archive_ids";
 pub const ARCHIVE_COUNTS: &str = "archive_counts";
 /// Owner bare JID → JSON `ArchivePrefs`.
 pub const ARCHIVE_PREFS: &str = "archive_prefs";
+
+/// `owner \0 device_id` → JSON [`crate::store::appserver::Registration`]: devices registered
+/// with the XEP-0357 app server by the account `owner` (bare JID).
+pub const APPSERVER_DEVICES: &str = "appserver_devices";
+/// Push node → `owner \0 device_id`: the index publishes are looked up by.
+pub const APPSERVER_NODES: &str = "appserver_nodes";
