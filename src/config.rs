@@ -107,7 +107,7 @@ pub struct Apns {
 }
 
 /// `[appserver.webhook]`: an HTTP POST of a JSON document, signed with HMAC-SHA256.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Webhook {
     /// Where to POST. Empty: webhooks are off.
@@ -152,15 +152,6 @@ impl Default for Apns {
             topic: String::new(),
             endpoint: "https://api.push.apple.com".into(),
             push_type: "alert".into(),
-        }
-    }
-}
-
-impl Default for Webhook {
-    fn default() -> Self {
-        Webhook {
-            url: String::new(),
-            secret: String::new(),
         }
     }
 }

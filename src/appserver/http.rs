@@ -54,7 +54,9 @@ pub enum HttpError {
     Body(String),
 }
 
-fn tls_config(extra_ca_file: &Path, h2_only: bool) -> anyhow::Result<rustls::ClientConfig> {
+/// The client TLS configuration; ALPN is left to the connector builder (`h2` and `http/1.1`, or
+/// `h2` alone).
+fn tls_config(extra_ca_file: &Path) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     let (added, _) = roots.add_parsable_certificates(native.certs);
@@ -84,17 +86,11 @@ fn tls_config(extra_ca_file: &Path, h2_only: bool) -> anyhow::Result<rustls::Cli
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = if h2_only {
-        vec![b"h2".to_vec()]
-    } else {
-        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
-    };
-    Ok(cfg)
+        .with_no_client_auth())
 }
 
 impl HttpClient {
@@ -103,13 +99,14 @@ impl HttpClient {
         http.enforce_http(false);
         http.set_connect_timeout(Some(timeout));
         http.set_nodelay(true);
+        let tls = tls_config(extra_ca_file)?;
         let any = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config(extra_ca_file, false)?)
+            .with_tls_config(tls.clone())
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http.clone());
         let h2 = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config(extra_ca_file, true)?)
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http2()
             .wrap_connector(http);
