@@ -166,6 +166,29 @@ impl SledRegistrations {
         Ok(())
     }
 
+    /// Writes `reg` as given (import): its device row and node index. Refuses a node that is
+    /// already registered, or a device that already exists. Not flushed.
+    pub fn put_exact(&self, reg: &Registration) -> StoreResult<()> {
+        let key = trees::owner_key(&reg.owner, &reg.device_id);
+        let v = encode(reg)?;
+        let res = (&self.devices, &self.nodes).transaction(|(devices, nodes)| {
+            if nodes.get(reg.node.as_bytes())?.is_some() || devices.get(&key)?.is_some() {
+                return Err(ConflictableTransactionError::Abort(StoreError {
+                    context: "restoring a push registration".into(),
+                    source: format!(
+                        "node {:?} or device {:?} of {} is already registered",
+                        reg.node, reg.device_id, reg.owner
+                    )
+                    .into(),
+                }));
+            }
+            devices.insert(key.as_slice(), v.as_slice())?;
+            nodes.insert(reg.node.as_bytes(), key.as_slice())?;
+            Ok(())
+        });
+        res.map_err(tx_fail("restoring a push registration"))
+    }
+
     async fn flush(&self, what: &str) -> StoreResult<()> {
         self.devices
             .flush_async()
