@@ -908,3 +908,51 @@ async fn appserver_registrations_survive_restart_and_reregistration_keeps_node()
     assert_eq!(sends[0].json()["message"]["token"], "fcm-token-4");
     assert_eq!(sends[1].json()["message"]["token"], "fcm-token-5");
 }
+
+#[tokio::test]
+async fn appserver_provider_timeout_yields_wait_error_without_blocking_the_session() {
+    // A webhook that accepts connections and never answers.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = held.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            h.lock().unwrap().push(tcp);
+        }
+    });
+    let p = Providers::start().await;
+    let s = TestServer::start_with(|c| {
+        p.configure(c);
+        c.appserver.timeout_secs = 1;
+        c.appserver.webhook.url = format!("http://{addr}/hook");
+    })
+    .await;
+    s.add_user("alice", PW).await;
+    let mut c = RawClient::login(&s, "alice", PW, "phone").await;
+    let (node, secret) = register(&mut c, "register-push-webhook", "hook-dev", "laptop").await;
+    let started = std::time::Instant::now();
+    c.send(&format!(
+        "<iq type='set' id='t1' to='{PUSH}'>{}</iq>",
+        publish_xml(&node, Some(&secret), None)
+    ))
+    .await;
+    // The delivery waits on its own task: the session goes on meanwhile.
+    c.send(&format!(
+        "<iq type='get' id='ping1' to='{DOMAIN}'><ping xmlns='urn:xmpp:ping'/></iq>"
+    ))
+    .await;
+    let first = c.recv_until(|e| e.name() == "iq").await;
+    assert_eq!(first.attr("id"), Some("ping1"), "{}", xml(&first));
+    let r = c.recv_until(|e| e.attr("id") == Some("t1")).await;
+    assert_eq!(
+        error_of(&r),
+        ("internal-server-error".into(), "wait".into())
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(
+        held.lock().unwrap().len(),
+        1,
+        "the request reached the webhook"
+    );
+}
