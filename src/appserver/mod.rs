@@ -442,7 +442,11 @@ impl Inner {
             return reply("executing", Some(blank_form(node, name)), true);
         };
         let f = form_values(x);
-        let device_id = value(&f, "device-id").unwrap_or("").trim();
+        // Conversations sends the device id as `android-id`.
+        let device_id = value(&f, "device-id")
+            .or_else(|| value(&f, "android-id"))
+            .unwrap_or("")
+            .trim();
         if device_id.is_empty()
             || device_id.len() > MAX_DEVICE_ID
             || device_id.chars().any(char::is_control)

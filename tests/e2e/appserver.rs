@@ -902,6 +902,23 @@ async fn appserver_registrations_survive_restart_and_reregistration_keeps_node()
     // The app registers again with a new token: same node and secret, new token used.
     let again = register(&mut c, "register-push-fcm", "fcm-token-5", "pixel").await;
     assert_eq!(again, (node.clone(), secret.clone()));
+    // Conversations names the field `android-id`: the same device.
+    let r = iq(
+        &mut c,
+        "conv",
+        "set",
+        &command_xml(
+            "register-push-fcm",
+            &[("token", "fcm-token-5"), ("android-id", "pixel")],
+        ),
+    )
+    .await;
+    let f = result_fields(&r);
+    assert!(
+        f.contains(&("node".to_string(), node.clone())),
+        "{}",
+        xml(&r)
+    );
     assert_delivered(&publish(&mut c, "p2", &node, Some(&secret), None).await);
     let sends = p.fcm.requests("/v1/");
     assert_eq!(sends.len(), 2);
