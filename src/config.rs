@@ -50,6 +50,9 @@ pub struct Config {
     pub csi: Csi,
     /// XEP-0357 push notifications.
     pub push: halyard_xep::host::PushSettings,
+    /// The built-in XEP-0357 app server (`push.<domain>`), which delivers push notifications to
+    /// phones through FCM, APNs or a webhook.
+    pub appserver: AppServer,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +95,187 @@ pub struct Csi {
 impl Default for Csi {
     fn default() -> Self {
         Csi { max_held: 100 }
+    }
+}
+
+/// `[appserver]`: the XEP-0357 app server component. Each provider is off while its key
+/// settings are empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppServer {
+    /// Serve the component.
+    pub enabled: bool,
+    /// Its address; empty means `push.<primary domain>`.
+    pub domain: String,
+    /// Seconds one provider request (connect, send, read the answer) may take.
+    pub timeout_secs: u64,
+    /// Deliveries in progress at once; a publish beyond it gets `resource-constraint` (wait).
+    pub max_in_flight: usize,
+    /// Devices one account may register.
+    pub max_devices_per_account: usize,
+    /// A PEM file of extra CA certificates trusted for provider connections (besides the
+    /// system's), e.g. a corporate proxy's or a test stand-in's. Empty: none.
+    pub extra_ca_file: PathBuf,
+    pub fcm: Fcm,
+    pub apns: Apns,
+    pub webhook: Webhook,
+}
+
+/// `[appserver.fcm]`: Firebase Cloud Messaging, HTTP v1 API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fcm {
+    /// The service account's JSON key file (from the Firebase console). Empty: FCM is off.
+    pub service_account_file: PathBuf,
+    /// The Firebase project; empty takes `project_id` from the service account file.
+    pub project_id: String,
+    /// The API base URL.
+    pub endpoint: String,
+    /// The OAuth2 token endpoint; empty takes `token_uri` from the service account file.
+    pub token_uri: String,
+}
+
+/// `[appserver.apns]`: Apple Push Notification service, HTTP/2 with token authentication.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Apns {
+    /// The `.p8` signing key (PKCS#8 PEM) from the Apple developer account. Empty: APNs is off.
+    pub key_file: PathBuf,
+    /// The key's id (10 characters), sent as the JWT's `kid`.
+    pub key_id: String,
+    /// The developer team id, sent as the JWT's `iss`.
+    pub team_id: String,
+    /// The app's bundle id, sent as `apns-topic`.
+    pub topic: String,
+    /// `https://api.push.apple.com`, or `https://api.sandbox.push.apple.com` for development
+    /// builds of the app.
+    pub endpoint: String,
+    /// `alert` (a visible notification, priority 10, `mutable-content` so the app's notification
+    /// extension can fetch the message) or `background` (a silent wake-up, priority 5).
+    pub push_type: String,
+}
+
+/// `[appserver.webhook]`: an HTTP POST of a JSON document, signed with HMAC-SHA256.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Webhook {
+    /// Where to POST. Empty: webhooks are off.
+    pub url: String,
+    /// The HMAC-SHA256 key for the `X-Halyard-Signature` header; required with `url`.
+    pub secret: String,
+}
+
+impl Default for AppServer {
+    fn default() -> Self {
+        AppServer {
+            enabled: false,
+            domain: String::new(),
+            timeout_secs: 10,
+            max_in_flight: 256,
+            max_devices_per_account: 20,
+            extra_ca_file: PathBuf::new(),
+            fcm: Fcm::default(),
+            apns: Apns::default(),
+            webhook: Webhook::default(),
+        }
+    }
+}
+
+impl Default for Fcm {
+    fn default() -> Self {
+        Fcm {
+            service_account_file: PathBuf::new(),
+            project_id: String::new(),
+            endpoint: "https://fcm.googleapis.com".into(),
+            token_uri: String::new(),
+        }
+    }
+}
+
+impl Default for Apns {
+    fn default() -> Self {
+        Apns {
+            key_file: PathBuf::new(),
+            key_id: String::new(),
+            team_id: String::new(),
+            topic: String::new(),
+            endpoint: "https://api.push.apple.com".into(),
+            push_type: "alert".into(),
+        }
+    }
+}
+
+impl AppServer {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+
+    /// The component's address for a server whose primary domain is `primary`.
+    pub fn domain_for(&self, primary: &str) -> String {
+        if self.domain.is_empty() {
+            format!("push.{primary}")
+        } else {
+            self.domain.clone()
+        }
+    }
+
+    fn problems(&mut self, primary: &str, served: &[String], out: &mut Vec<String>) {
+        if !self.enabled {
+            return;
+        }
+        match jid::BareJid::new(&self.domain_for(primary)) {
+            Ok(j) if j.node().is_none() => {
+                let d = j.domain().to_string();
+                if served.contains(&d) {
+                    out.push(format!("appserver.domain {d:?} is one of `domains`: the app server needs an address of its own, e.g. \"push.{primary}\""));
+                }
+                if !self.domain.is_empty() {
+                    self.domain = d;
+                }
+            }
+            _ => out.push(format!(
+                "appserver.domain {:?} is not a valid domain name: use e.g. \"push.{primary}\"",
+                self.domain
+            )),
+        }
+        if self.timeout_secs == 0 {
+            out.push("appserver.timeout_secs must be at least 1".into());
+        }
+        if self.max_in_flight == 0 || self.max_devices_per_account == 0 {
+            out.push(
+                "appserver.max_in_flight and appserver.max_devices_per_account must be at least 1"
+                    .into(),
+            );
+        }
+        let fcm = !self.fcm.service_account_file.as_os_str().is_empty();
+        let apns = !self.apns.key_file.as_os_str().is_empty();
+        let webhook = !self.webhook.url.is_empty();
+        if !fcm && !apns && !webhook {
+            out.push("appserver is enabled but no provider is configured: set appserver.fcm.service_account_file, appserver.apns.key_file or appserver.webhook.url".into());
+        }
+        if apns {
+            if self.apns.key_id.is_empty()
+                || self.apns.team_id.is_empty()
+                || self.apns.topic.is_empty()
+            {
+                out.push("appserver.apns needs key_id, team_id and topic (the app's bundle id) with key_file".into());
+            }
+            if self.apns.push_type != "alert" && self.apns.push_type != "background" {
+                out.push(format!(
+                    "appserver.apns.push_type {:?} must be \"alert\" or \"background\"",
+                    self.apns.push_type
+                ));
+            }
+        }
+        if webhook {
+            if self.webhook.secret.is_empty() {
+                out.push("appserver.webhook.secret is empty: set a long random string, the receiver checks the X-Halyard-Signature header with it".into());
+            }
+            if !self.webhook.url.starts_with("https://") && !self.webhook.url.starts_with("http://")
+            {
+                out.push("appserver.webhook.url must start with https:// (or http://)".into());
+            }
+        }
     }
 }
 
@@ -199,6 +383,7 @@ impl Default for Config {
             stream_management: Default::default(),
             csi: Default::default(),
             push: Default::default(),
+            appserver: AppServer::default(),
         }
     }
 }
@@ -286,6 +471,17 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        // Empty means "off" for these, so it stays empty.
+        let a = &mut self.appserver;
+        for p in [
+            &mut a.extra_ca_file,
+            &mut a.fcm.service_account_file,
+            &mut a.apns.key_file,
+        ] {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        }
     }
 
     pub fn cache_bytes(&self) -> u64 {
@@ -370,6 +566,9 @@ impl Config {
         if self.auth.max_failures_per_connection == 0 {
             problems.push("auth.max_failures_per_connection must be at least 1".into());
         }
+        let primary = self.primary_domain().to_string();
+        self.appserver
+            .problems(&primary, &self.domains, &mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -401,6 +600,38 @@ mod tests {
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("scram_iterations"), "{err}");
         assert!(err.contains("not a valid domain"), "{err}");
+    }
+
+    #[test]
+    fn appserver_settings_are_checked_when_enabled() {
+        let mut c = Config::parse("[appserver]\nenabled = true").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("no provider is configured"), "{err}");
+        let mut c = Config::parse(
+            "domains = [\"x.org\"]\n[appserver]\nenabled = true\ndomain = \"x.org\"\n[appserver.webhook]\nurl = \"ftp://h\"\n[appserver.apns]\nkey_file = \"k.p8\"",
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        for needle in [
+            "is one of `domains`",
+            "webhook.secret",
+            "https://",
+            "key_id",
+        ] {
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        let mut c = Config::parse(
+            "[appserver]\nenabled = true\nextra_ca_file = \"ca.pem\"\n[appserver.webhook]\nurl = \"https://h/x\"\nsecret = \"s\"",
+        )
+        .unwrap();
+        c.resolve_paths(Path::new("/etc/halyard"));
+        c.validate().unwrap();
+        assert_eq!(c.appserver.domain_for(c.primary_domain()), "push.localhost");
+        assert_eq!(
+            c.appserver.extra_ca_file,
+            PathBuf::from("/etc/halyard/ca.pem")
+        );
+        assert_eq!(c.appserver.fcm.service_account_file, PathBuf::new());
     }
 
     #[test]

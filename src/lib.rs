@@ -19,6 +19,7 @@
 //! [`serve`] runs a node until its shutdown signal.
 
 pub mod admin;
+pub mod appserver;
 pub mod c2s;
 pub mod config;
 pub mod listener;
@@ -90,7 +91,12 @@ pub async fn serve(
         stores.clone(),
         Some(tls),
         shutdown.clone(),
-    ));
+    )?);
+    if let Some(a) = &server.appserver {
+        let weak = Arc::downgrade(&server);
+        let host: std::sync::Weak<dyn halyard_xep::host::Host> = weak;
+        a.attach(host);
+    }
     tracing::info!(modules = ?server.registry.modules(), domains = ?config.domains, "starting");
 
     let mut set = JoinSet::new();

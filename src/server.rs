@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -44,6 +44,8 @@ pub struct Server {
     pending: dashmap::DashMap<String, PendingRequest>,
     /// Sessions that can be resumed (XEP-0198), by resumption id.
     pub sm: crate::c2s::sm::Resumable,
+    /// The XEP-0357 app server component, when `[appserver]` enables it (also in the registry).
+    pub appserver: Option<Arc<crate::appserver::AppServer>>,
 }
 
 /// An iq the server sent and whose result or error it awaits.
@@ -59,9 +61,21 @@ impl Server {
         stores: Stores,
         tls: Option<Tls>,
         shutdown: watch::Receiver<bool>,
-    ) -> Server {
+    ) -> anyhow::Result<Server> {
         let mut registry = Registry::new();
         halyard_xep::register_all(&mut registry);
+        let appserver = if config.appserver.enabled {
+            let domain = config.appserver.domain_for(config.primary_domain());
+            let a = Arc::new(crate::appserver::AppServer::from_config(
+                &config.appserver,
+                domain.clone(),
+                stores.appserver.clone(),
+            )?);
+            registry.component(domain, a.clone());
+            Some(a)
+        } else {
+            None
+        };
         let caps = halyard_xep::caps::element(&registry);
         let mut secret = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut secret);
@@ -74,7 +88,7 @@ impl Server {
             offline: config.offline.clone(),
             push: config.push.clone(),
         };
-        Server {
+        Ok(Server {
             config,
             registry,
             sessions: Sessions::new(),
@@ -90,7 +104,8 @@ impl Server {
             settings,
             pending: dashmap::DashMap::new(),
             sm: Default::default(),
-        }
+            appserver,
+        })
     }
 
     pub fn next_conn_id(&self) -> u64 {

@@ -306,7 +306,7 @@ async fn archive(a: ArchiveArgs) -> anyhow::Result<()> {
         data_dir: dir.clone(),
         ..Config::default()
     };
-    let server = Arc::new(Server::new(cfg, stores, None, rx));
+    let server = Arc::new(Server::new(cfg, stores, None, rx)?);
     // The querying session: results go to its queue, drained as a client would read them (the
     // serialisation of each result is part of what is measured).
     let (qtx, mut qrx) = tokio::sync::mpsc::channel(4096);

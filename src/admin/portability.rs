@@ -309,6 +309,7 @@ pub struct ExportStats {
     pub offline: u64,
     pub archived: u64,
     pub push_registrations: u64,
+    pub push_devices: u64,
     /// Stanzas that were not in canonical form and went out as base64.
     pub raw_stanzas: u64,
     /// Owners that could not be written (no user part).
@@ -537,6 +538,23 @@ async fn write_user<W: Write + Send>(
         o.attr("count", &count.to_string())?;
         o.push("/>\n");
     }
+    // Devices registered with the XEP-0357 app server (`crate::appserver`) by this account.
+    let devices = stores.appserver.list(jid).await?;
+    if !devices.is_empty() {
+        o.push("      <push-devices xmlns='urn:halyard:pie:0'>");
+        for d in &devices {
+            o.push("\n        <device");
+            o.attr("id", &d.device_id)?;
+            o.attr("provider", d.provider.as_str())?;
+            o.attr("token", &d.token)?;
+            o.attr("node", &d.node)?;
+            o.attr("secret", &d.secret)?;
+            o.attr("registered", &d.registered.to_string())?;
+            o.push("/>");
+            stats.push_devices += 1;
+        }
+        o.push("\n      </push-devices>\n");
+    }
     let offline = stores.offline.list(jid).await?;
     if !offline.is_empty() {
         o.push("      <offline-messages>\n");
@@ -687,6 +705,12 @@ pub async fn export(ctx: &Context<'_>, path: &str) -> anyhow::Result<Vec<String>
         stats.archived,
         stats.push_registrations
     )];
+    if stats.push_devices > 0 {
+        lines.push(format!(
+            "{} push devices (app server registrations)",
+            stats.push_devices
+        ));
+    }
     if stats.users > stats.accounts {
         lines.push(format!(
             "note: {} JIDs hold rows without an account row; exported with <no-account/>",
@@ -1075,6 +1099,7 @@ struct UserState {
     offline_meta: Option<(u64, u64)>,
     offline_seqs: BTreeSet<u64>,
     push: Vec<PushRegistration>,
+    push_devices: Vec<crate::store::appserver::Registration>,
     /// Something was written for this user (so a failure must undo it).
     wrote: bool,
 }
@@ -1088,6 +1113,7 @@ struct ImportStats {
     offline: u64,
     archived: u64,
     push_registrations: u64,
+    push_devices: u64,
 }
 
 struct Importer<'a> {
@@ -1485,6 +1511,47 @@ impl<'a> Importer<'a> {
                 u.push.push(PushRegistration { jid, node, options });
                 self.stats.push_registrations += 1;
             }
+            ("push-devices", NS_EXT) => {
+                let owner = self.owner()?.to_string();
+                let u = self.user()?;
+                ensure!(u.push_devices.is_empty(), "two <push-devices/>");
+                for d in el.children() {
+                    ensure!(
+                        d.is("device", NS_EXT),
+                        "<push-devices/> holds only <device/>"
+                    );
+                    let a = |name: &str| -> anyhow::Result<String> {
+                        d.attr(name)
+                            .filter(|v| !v.is_empty())
+                            .map(str::to_string)
+                            .with_context(|| format!("<device/> without {name}"))
+                    };
+                    let provider = match a("provider")?.as_str() {
+                        "fcm" => crate::store::appserver::Provider::Fcm,
+                        "apns" => crate::store::appserver::Provider::Apns,
+                        "webhook" => crate::store::appserver::Provider::Webhook,
+                        other => bail!("unknown push provider {other:?}"),
+                    };
+                    let reg = crate::store::appserver::Registration {
+                        owner: owner.clone(),
+                        device_id: a("id")?,
+                        provider,
+                        token: a("token")?,
+                        node: a("node")?,
+                        secret: a("secret")?,
+                        registered: attr_u64(d, "registered")?,
+                    };
+                    ensure!(
+                        !u.push_devices
+                            .iter()
+                            .any(|r| r.device_id == reg.device_id || r.node == reg.node),
+                        "two push devices with id {:?} or node {:?}",
+                        reg.device_id,
+                        reg.node
+                    );
+                    u.push_devices.push(reg);
+                }
+            }
             ("no-account", NS_EXT) => self.user()?.no_account = true,
             (name, ns) => {
                 let what = match ns {
@@ -1725,6 +1792,7 @@ impl<'a> Importer<'a> {
             Some(Account { scram, created })
         };
         self.stats.roster_items += u.roster.len() as u64;
+        self.stats.push_devices += u.push_devices.len() as u64;
         if account.is_some() {
             self.stats.accounts += 1;
         }
@@ -1759,6 +1827,9 @@ impl<'a> Importer<'a> {
         }
         for reg in &u.push {
             self.ctx.stores.push.put_registration(jid, reg).await?;
+        }
+        for d in &u.push_devices {
+            r.put_push_device(d).await?;
         }
         if let Some(a) = account {
             match r.put_account(jid, a).await {
@@ -1872,6 +1943,12 @@ pub async fn import(ctx: &Context<'_>, path: &str) -> anyhow::Result<Vec<String>
         s.archived,
         s.push_registrations
     )];
+    if s.push_devices > 0 {
+        lines.push(format!(
+            "{} push devices (app server registrations)",
+            s.push_devices
+        ));
+    }
     if s.users > s.accounts {
         lines.push(format!(
             "note: {} JIDs without an account row were restored as they were (their rows only)",
@@ -1909,6 +1986,7 @@ mod tests {
             archive: s.archive.clone(),
             offline: s.offline.clone(),
             push: s.push.clone(),
+            appserver: s.appserver.clone(),
             restore: s.clone(),
             last: s.clone(),
             durable: Arc::new(GroupCommit::start(s.db.clone(), std::time::Duration::ZERO)),
@@ -2119,6 +2197,15 @@ mod tests {
             )
             .await
             .unwrap();
+        for (dev, provider) in [
+            ("pixel", crate::store::appserver::Provider::Fcm),
+            ("iphone", crate::store::appserver::Provider::Apns),
+        ] {
+            s.appserver
+                .register(&a, dev, provider, &format!("{dev}-token"), 10)
+                .await
+                .unwrap();
+        }
         s.last
             .set(
                 &j("ghost@y"),
@@ -2153,6 +2240,9 @@ mod tests {
         assert!(text.contains("<archive xmlns='urn:xmpp:pie:0#mam'>"));
         assert!(text.contains("<push-registration xmlns='urn:halyard:pie:0' jid='push.x' node='n1'><x xmlns='jabber:x:data'"));
         assert_eq!(stats.push_registrations, 3);
+        assert!(text.contains("<push-devices xmlns='urn:halyard:pie:0'>"));
+        assert!(text.contains("provider='apns' token='iphone-token'"));
+        assert_eq!(stats.push_devices, 2);
 
         let s2 = Arc::new(SledStore::open(d2.path(), 1 << 24).unwrap());
         let st2 = stores_of(s2.clone());

@@ -4,6 +4,7 @@
 //! modules; the account store is the core's. [`Stores`] bundles the implementations a node runs
 //! with, so a shared backend (PostgreSQL) can later replace sled without touching a module.
 
+pub mod appserver;
 pub mod archive;
 pub mod group_commit;
 pub mod offline;
@@ -89,6 +90,8 @@ pub struct Stores {
     pub offline: Arc<dyn OfflineStore>,
     /// XEP-0357 registrations and the notification queue.
     pub push: Arc<dyn PushStore>,
+    /// Devices registered with the XEP-0357 app server.
+    pub appserver: Arc<dyn appserver::RegistrationStore>,
     /// Exact reads and writes for export and import (`halyard export|import`).
     pub restore: Arc<dyn restore::Restore>,
     /// Group commit: waits until every earlier write is on disk.
@@ -115,6 +118,7 @@ impl Stores {
             archive: s.archive.clone(),
             offline: s.offline.clone(),
             push: s.push.clone(),
+            appserver: s.appserver.clone(),
             restore: s.clone(),
             last: s,
             durable: Arc::new(group_commit::GroupCommit::start(db, group_commit)),

@@ -79,6 +79,10 @@ pub trait Restore: Send + Sync {
     /// Sets the offline counters `(next_seq, count)` exactly.
     async fn set_offline_meta(&self, owner: &BareJid, next_seq: u64, count: u64)
         -> StoreResult<()>;
+    /// Stores an app server device registration as given (owner, node and secret included).
+    /// Fails if its node is already registered.
+    async fn put_push_device(&self, reg: &crate::store::appserver::Registration)
+        -> StoreResult<()>;
     /// A fresh archive sequence number, for imported messages that carry none.
     async fn new_seq(&self) -> StoreResult<u64>;
     /// Makes sure archive sequence numbers allocated from now on are above `max_seq`, so that
@@ -175,6 +179,7 @@ impl Restore for SledStore {
             &self.archive.messages,
             &self.push.regs,
             &self.push.queue,
+            &self.appserver.devices,
         ] {
             prefixed_owners(t, &mut raw)?;
         }
@@ -250,6 +255,7 @@ impl Restore for SledStore {
             &self.archive.ids,
             &self.push.regs,
             &self.push.queue,
+            &self.appserver.devices,
         ] {
             if has_prefix(t, &prefix)? {
                 return Ok(true);
@@ -386,6 +392,13 @@ impl Restore for SledStore {
         Ok(())
     }
 
+    async fn put_push_device(
+        &self,
+        reg: &crate::store::appserver::Registration,
+    ) -> StoreResult<()> {
+        self.appserver.put_exact(reg)
+    }
+
     async fn new_seq(&self) -> StoreResult<u64> {
         self.db
             .generate_id()
@@ -431,6 +444,7 @@ impl Restore for SledStore {
         self.offline.remove_owner(owner)?;
         self.archive.remove_owner(owner)?;
         self.push.remove_owner(owner)?;
+        self.appserver.remove_owner(owner)?;
         if with_account {
             self.accounts
                 .remove(owner.as_str())

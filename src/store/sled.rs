@@ -20,6 +20,7 @@ pub struct SledStore {
     pub archive: std::sync::Arc<super::archive::SledArchive>,
     pub offline: std::sync::Arc<super::offline::SledOffline>,
     pub push: std::sync::Arc<super::push::SledPush>,
+    pub appserver: std::sync::Arc<super::appserver::SledRegistrations>,
     pub(crate) accounts: sled::Tree,
     pub(crate) roster: sled::Tree,
     pub(crate) roster_version: sled::Tree,
@@ -59,6 +60,7 @@ impl SledStore {
             archive: std::sync::Arc::new(super::archive::SledArchive::open(&db)?),
             offline: std::sync::Arc::new(super::offline::SledOffline::open(&db)?),
             push: std::sync::Arc::new(super::push::SledPush::open(&db)?),
+            appserver: std::sync::Arc::new(super::appserver::SledRegistrations::open(&db)?),
             accounts: open(trees::ACCOUNTS)?,
             roster: open(trees::ROSTER)?,
             roster_version: open(trees::ROSTER_VERSION)?,
@@ -180,6 +182,7 @@ impl AccountStore for SledStore {
         self.offline.remove_owner(user)?;
         self.archive.remove_owner(user)?;
         self.push.remove_owner(user)?;
+        self.appserver.remove_owner(user)?;
         self.flush_async("account removal").await?;
         Ok(())
     }

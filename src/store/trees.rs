@@ -65,3 +65,8 @@ pub const PUSH_QUEUE: &str = "push_queue";
 /// `due_be ‖ owner \0 service_jid \0 node` → empty: `push_queue` by due time. Not prefixed by
 /// owner: its entries are removed with their queue rows.
 pub const PUSH_DUE: &str = "push_due";
+/// `owner \0 device_id` → JSON [`crate::store::appserver::Registration`]: devices registered
+/// with the XEP-0357 app server by the account `owner` (bare JID).
+pub const APPSERVER_DEVICES: &str = "appserver_devices";
+/// Push node → `owner \0 device_id`: the index publishes are looked up by.
+pub const APPSERVER_NODES: &str = "appserver_nodes";
