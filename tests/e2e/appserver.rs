@@ -973,3 +973,128 @@ async fn appserver_provider_timeout_yields_wait_error_without_blocking_the_sessi
         "the request reached the webhook"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The whole chain: a message for a user without a live stream → the push module's durable
+// queue → a publish to the built-in app server → the provider (here the webhook stand-in).
+// ---------------------------------------------------------------------------------------------
+
+/// Bob registers a webhook device and enables push at his server with the node and secret he
+/// got, as the companion app does; then his phone goes away.
+async fn bob_registers_and_leaves(s: &TestServer, token: &str) {
+    let mut bob = RawClient::login(s, "bob", PW, "phone").await;
+    let (node, secret) = register(&mut bob, "register-push-webhook", token, "bob-phone").await;
+    bob.send(&format!(
+        "<iq type='set' id='en'><enable xmlns='urn:xmpp:push:0' jid='{PUSH}' node='{node}'>\
+         <x xmlns='{NS_DATA}' type='submit'><field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#publish-options</value></field>\
+         <field var='secret'><value>{secret}</value></field></x></enable></iq>"
+    ))
+    .await;
+    let r = bob.recv_until(|e| e.attr("id") == Some("en")).await;
+    assert_eq!(r.attr("type"), Some("result"), "{}", xml(&r));
+    bob.send("</stream:stream>").await;
+    while let Some(ev) = bob.next_event().await {
+        if matches!(ev, halyard::stream::StreamEvent::Close) {
+            break;
+        }
+    }
+}
+
+/// Waits until the stand-in has recorded `n` requests under `path`, at most `limit`.
+async fn wait_requests(s: &StandIn, path: &str, n: usize, limit: std::time::Duration) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed() < limit {
+        if s.requests(path).len() >= n {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_burst_for_an_absent_phone_reaches_the_webhook_coalesced() {
+    let p = Providers::start().await;
+    let s = TestServer::start_with(|c| {
+        p.configure(c);
+        c.push.coalesce_window_ms = 1_000;
+    })
+    .await;
+    for u in ["alice", "bob"] {
+        s.add_user(u, PW).await;
+    }
+    bob_registers_and_leaves(&s, "bob-hook-token").await;
+    let mut alice = RawClient::login(&s, "alice", PW, "desk").await;
+    let sent = std::time::Instant::now();
+    for i in 0..5 {
+        alice
+            .send(&format!(
+                "<message to='bob@localhost' type='chat'><body>m{i}</body></message>"
+            ))
+            .await;
+    }
+    assert!(
+        wait_requests(&p.hook, "/hook", 1, std::time::Duration::from_secs(5)).await,
+        "the first message is pushed at once"
+    );
+    eprintln!("message sent → webhook called: {:?}", sent.elapsed());
+    // The rest of the burst: one more notification when the window ends, with the count.
+    assert!(wait_requests(&p.hook, "/hook", 2, std::time::Duration::from_secs(5)).await);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let reqs = p.hook.requests("/hook");
+    assert_eq!(reqs.len(), 2, "exactly two deliveries for one burst");
+    let (first, second) = (reqs[0].json(), reqs[1].json());
+    assert_eq!(first["message_count"], "1");
+    assert_eq!(second["message_count"], "5");
+    for v in [&first, &second] {
+        assert_eq!(v["token"], "bob-hook-token");
+        assert_eq!(v["owner"], "bob@localhost");
+        assert_eq!(v["last_message_sender"], "alice@localhost");
+        assert!(
+            v.get("last_message_body").is_none(),
+            "no body by default: {v}"
+        );
+    }
+
+    // Bob is back, online and active: nothing more is pushed.
+    let mut bob = RawClient::login(&s, "bob", PW, "phone2").await;
+    bob.online().await;
+    alice
+        .send("<message to='bob@localhost' type='chat'><body>live</body></message>")
+        .await;
+    bob.recv_until(|e| e.name() == "message" && body(e).as_deref() == Some("live"))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(p.hook.requests("/hook").len(), 2, "no push while online");
+}
+
+#[tokio::test]
+async fn a_dead_device_is_disabled_at_the_users_server() {
+    let p = Providers::start().await;
+    let s = TestServer::start_with(|c| {
+        p.configure(c);
+        c.push.coalesce_window_ms = 300;
+    })
+    .await;
+    for u in ["alice", "bob"] {
+        s.add_user(u, PW).await;
+    }
+    bob_registers_and_leaves(&s, HOOK_GONE).await;
+    let mut alice = RawClient::login(&s, "alice", PW, "desk").await;
+    alice
+        .send("<message to='bob@localhost' type='chat'><body>one</body></message>")
+        .await;
+    assert!(wait_requests(&p.hook, "/hook", 1, std::time::Duration::from_secs(5)).await);
+    // The webhook said 410: the app server answered item-not-found, Bob's server disabled the
+    // registration, so later messages are not published at all.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    alice
+        .send("<message to='bob@localhost' type='chat'><body>two</body></message>")
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(
+        p.hook.requests("/hook").len(),
+        1,
+        "disabled after the dead token"
+    );
+}
