@@ -364,6 +364,10 @@ pub struct Http {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Origins allowed to open a WebSocket; empty accepts any.
     pub websocket_origins: Vec<String>,
+    /// The base URL under which clients reach the HTTP service (upload slots, host-meta); empty
+    /// means `https://<primary domain>:<first HTTPS listener's port>`. Set it when a reverse
+    /// proxy or another port faces the clients, e.g. `https://chat.example.org`.
+    pub public_url: String,
 }
 
 impl Default for Config {

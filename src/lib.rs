@@ -22,6 +22,7 @@ pub mod admin;
 pub mod appserver;
 pub mod c2s;
 pub mod config;
+pub mod http;
 pub mod listener;
 pub mod maintenance;
 pub mod router;
@@ -114,13 +115,23 @@ pub async fn serve(
     for addr in &config.listeners.http {
         let l = listener::bind(*addr, "http").await?;
         bound.http.push(l.local_addr()?);
-        listener::websocket::spawn_http(&mut set, l, server.clone());
+        http::spawn_http(&mut set, l, server.clone());
     }
     for addr in &config.listeners.https {
         let l = listener::bind(*addr, "https").await?;
         bound.https.push(l.local_addr()?);
-        listener::websocket::spawn_https(&mut set, l, server.clone())?;
+        http::spawn_https(&mut set, l, server.clone())?;
     }
+    let public_url = if !config.http.public_url.is_empty() {
+        config.http.public_url.trim_end_matches('/').to_string()
+    } else if let Some(a) = bound.https.first() {
+        format!("https://{}:{}", config.primary_domain(), a.port())
+    } else if let Some(a) = bound.http.first() {
+        format!("http://{}:{}", config.primary_domain(), a.port())
+    } else {
+        String::new()
+    };
+    let _ = server.public_url.set(public_url);
     let admin = admin::socket::bind(&config.data_dir).await?;
     set.spawn(admin::socket::serve(admin, server.clone()));
     {

@@ -44,6 +44,9 @@ pub struct Server {
     pending: dashmap::DashMap<String, PendingRequest>,
     /// Sessions that can be resumed (XEP-0198), by resumption id.
     pub sm: crate::c2s::sm::Resumable,
+    /// The HTTP service's base URL as clients see it (no trailing `/`), set once the listeners
+    /// are bound (`http.public_url`, or derived from the HTTPS listener).
+    pub public_url: std::sync::OnceLock<String>,
     /// The XEP-0357 app server component, when `[appserver]` enables it (also in the registry).
     pub appserver: Option<Arc<crate::appserver::AppServer>>,
 }
@@ -104,8 +107,17 @@ impl Server {
             settings,
             pending: dashmap::DashMap::new(),
             sm: Default::default(),
+            public_url: std::sync::OnceLock::new(),
             appserver,
         })
+    }
+
+    /// The HTTP service's base URL as clients see it, e.g. `https://example.org:5281`.
+    pub fn public_url(&self) -> &str {
+        self.public_url
+            .get()
+            .map(String::as_str)
+            .unwrap_or_default()
     }
 
     pub fn next_conn_id(&self) -> u64 {

@@ -4,8 +4,7 @@
 //! instead of the stream tags. The session itself is the same as for TCP (`c2s::run`).
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::net::SocketAddr;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
@@ -14,45 +13,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures_util::SinkExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 
 use crate::c2s::{self, Transport, TransportError};
+use crate::http::{HttpState, Peer};
 use crate::sasl::scram::ChannelBindings;
-use crate::server::Server;
 use crate::stream::reader::{parse_element, Limits};
 use crate::stream::{writer, StreamError, StreamErrorKind, StreamEvent};
 use halyard_xep::ns;
 
-#[derive(Clone)]
-struct HttpState {
-    server: Arc<Server>,
-    /// The listener terminates TLS itself.
-    secure: bool,
-}
-
-/// The routes served on the HTTP(S) listeners.
-fn router(server: Arc<Server>, secure: bool) -> Router {
-    Router::new()
-        .route("/xmpp-websocket", get(upgrade))
-        .with_state(HttpState { server, secure })
-}
-
-/// The address of the peer, from whichever listener accepted it.
-#[derive(Clone, Copy, Debug)]
-struct Peer(SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(s: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
-        Peer(*s.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(s: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        Peer(*s.remote_addr())
-    }
+/// `/xmpp-websocket`.
+pub fn routes() -> Router<HttpState> {
+    Router::new().route("/xmpp-websocket", get(upgrade))
 }
 
 async fn upgrade(
@@ -80,7 +51,7 @@ async fn upgrade(
             .into_response();
     }
     let server = st.server.clone();
-    let trusted = st.secure || is_trusted(&server, peer.ip());
+    let trusted = st.secure || crate::http::is_trusted(&server, peer.ip());
     let limits = crate::listener::limits(&server);
     ws.max_message_size(server.config.c2s.max_stanza_bytes + 1024)
         .on_upgrade(move |socket| async move {
@@ -96,12 +67,6 @@ async fn upgrade(
             c2s::run(server, t).await
         })
         .into_response()
-}
-
-/// Loopback and configured reverse proxies may authenticate over plain HTTP: they terminate TLS
-/// in front of us.
-fn is_trusted(server: &Server, ip: IpAddr) -> bool {
-    ip.is_loopback() || server.config.http.trusted_proxies.contains(&ip)
 }
 
 pub struct WsTransport {
@@ -233,87 +198,4 @@ impl Transport for WsTransport {
     fn transport_name(&self) -> &'static str {
         "websocket"
     }
-}
-
-/// Serves plain HTTP on `listener`.
-pub fn spawn_http(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<Server>) {
-    let mut shutdown = server.shutdown.clone();
-    let app = router(server, false).into_make_service_with_connect_info::<Peer>();
-    set.spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                crate::server::until_shutdown(&mut shutdown).await;
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "HTTP listener failed");
-        }
-    });
-}
-
-/// A listener that completes TLS handshakes in their own tasks, so a slow handshake cannot hold
-/// up the others, and yields finished TLS streams to axum.
-pub struct TlsListener {
-    rx: mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(c) => c,
-            // The acceptor task only ends at shutdown; park until axum is dropped.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
-/// Serves HTTPS on `listener`.
-pub fn spawn_https(
-    set: &mut JoinSet<()>,
-    listener: TcpListener,
-    server: Arc<Server>,
-) -> anyhow::Result<()> {
-    let Some(tls) = server.tls.clone() else {
-        anyhow::bail!("HTTPS needs TLS certificates")
-    };
-    let local = listener.local_addr()?;
-    let (tx, rx) = mpsc::channel(64);
-    let mut shutdown = server.shutdown.clone();
-    set.spawn(async move {
-        loop {
-            tokio::select! {
-                r = listener.accept() => {
-                    let Ok((stream, peer)) = r else { continue };
-                    let (tls, tx) = (tls.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        if let Ok(Ok(s)) = tokio::time::timeout(std::time::Duration::from_secs(15), tls.acceptor.accept(stream)).await {
-                            let _ = tx.send((s, peer)).await;
-                        }
-                    });
-                }
-                _ = crate::server::until_shutdown(&mut shutdown) => return,
-            }
-        }
-    });
-    let mut shutdown = server.shutdown.clone();
-    let app = router(server, true).into_make_service_with_connect_info::<Peer>();
-    set.spawn(async move {
-        let r = axum::serve(TlsListener { rx, local }, app)
-            .with_graceful_shutdown(async move {
-                crate::server::until_shutdown(&mut shutdown).await;
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "HTTPS listener failed");
-        }
-    });
-    Ok(())
 }

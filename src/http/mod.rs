@@ -1,0 +1,135 @@
+//! The general HTTP service: one axum router on the HTTP and HTTPS listeners, assembled from
+//! the routes of each service (WebSocket now; BOSH, discovery, uploads, the API, metrics and the
+//! web client as they come). Each service lives in its own module and contributes a
+//! `routes() -> Router<HttpState>`.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::server::Server;
+
+/// What every HTTP handler gets.
+#[derive(Clone)]
+pub struct HttpState {
+    pub server: Arc<Server>,
+    /// The listener terminates TLS itself.
+    pub secure: bool,
+}
+
+/// The routes served on the HTTP(S) listeners.
+fn router(server: Arc<Server>, secure: bool) -> Router {
+    Router::new()
+        .merge(crate::listener::websocket::routes())
+        .with_state(HttpState { server, secure })
+}
+
+/// The address of the peer, from whichever listener accepted it.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(s: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
+        Peer(*s.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(s: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        Peer(*s.remote_addr())
+    }
+}
+
+/// Loopback and configured reverse proxies may authenticate over plain HTTP: they terminate TLS
+/// in front of us.
+pub fn is_trusted(server: &Server, ip: IpAddr) -> bool {
+    ip.is_loopback() || server.config.http.trusted_proxies.contains(&ip)
+}
+
+/// Serves plain HTTP on `listener`.
+pub fn spawn_http(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<Server>) {
+    let mut shutdown = server.shutdown.clone();
+    let app = router(server, false).into_make_service_with_connect_info::<Peer>();
+    set.spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                crate::server::until_shutdown(&mut shutdown).await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "HTTP listener failed");
+        }
+    });
+}
+
+/// A listener that completes TLS handshakes in their own tasks, so a slow handshake cannot hold
+/// up the others, and yields finished TLS streams to axum.
+pub struct TlsListener {
+    rx: mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The acceptor task only ends at shutdown; park until axum is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Serves HTTPS on `listener`.
+pub fn spawn_https(
+    set: &mut JoinSet<()>,
+    listener: TcpListener,
+    server: Arc<Server>,
+) -> anyhow::Result<()> {
+    let Some(tls) = server.tls.clone() else {
+        anyhow::bail!("HTTPS needs TLS certificates")
+    };
+    let local = listener.local_addr()?;
+    let (tx, rx) = mpsc::channel(64);
+    let mut shutdown = server.shutdown.clone();
+    set.spawn(async move {
+        loop {
+            tokio::select! {
+                r = listener.accept() => {
+                    let Ok((stream, peer)) = r else { continue };
+                    let (tls, tx) = (tls.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        if let Ok(Ok(s)) = tokio::time::timeout(std::time::Duration::from_secs(15), tls.acceptor.accept(stream)).await {
+                            let _ = tx.send((s, peer)).await;
+                        }
+                    });
+                }
+                _ = crate::server::until_shutdown(&mut shutdown) => return,
+            }
+        }
+    });
+    let mut shutdown = server.shutdown.clone();
+    let app = router(server, true).into_make_service_with_connect_info::<Peer>();
+    set.spawn(async move {
+        let r = axum::serve(TlsListener { rx, local }, app)
+            .with_graceful_shutdown(async move {
+                crate::server::until_shutdown(&mut shutdown).await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "HTTPS listener failed");
+        }
+    });
+    Ok(())
+}
