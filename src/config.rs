@@ -53,6 +53,27 @@ pub struct Config {
     /// The built-in XEP-0357 app server (`push.<domain>`), which delivers push notifications to
     /// phones through FCM, APNs or a webhook.
     pub appserver: AppServer,
+    /// The browser chat client served at `/`.
+    pub web: Web,
+}
+
+/// `[web]`: the browser client (Converse.js) at `/` of the HTTP(S) listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Web {
+    /// Serve the client page at `/` and its files at `/converse/`.
+    pub enabled: bool,
+    /// Converse.js's `dist` folder (`npm ci --prefix web` puts it at the default place).
+    pub client_dir: PathBuf,
+}
+
+impl Default for Web {
+    fn default() -> Self {
+        Web {
+            enabled: true,
+            client_dir: PathBuf::from("web/node_modules/converse.js/dist"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -388,6 +409,7 @@ impl Default for Config {
             csi: Default::default(),
             push: Default::default(),
             appserver: AppServer::default(),
+            web: Web::default(),
         }
     }
 }
@@ -470,7 +492,11 @@ impl Config {
     }
 
     pub fn resolve_paths(&mut self, base: &Path) {
-        for p in [&mut self.data_dir, &mut self.certs_dir] {
+        for p in [
+            &mut self.data_dir,
+            &mut self.certs_dir,
+            &mut self.web.client_dir,
+        ] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

@@ -14,6 +14,8 @@ use tokio::task::JoinSet;
 
 use crate::server::Server;
 
+pub mod webclient;
+
 /// What every HTTP handler gets.
 #[derive(Clone)]
 pub struct HttpState {
@@ -26,6 +28,7 @@ pub struct HttpState {
 fn router(server: Arc<Server>, secure: bool) -> Router {
     Router::new()
         .merge(crate::listener::websocket::routes())
+        .merge(webclient::routes(&server))
         .with_state(HttpState { server, secure })
 }
 
