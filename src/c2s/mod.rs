@@ -681,13 +681,29 @@ impl<T: Transport> Session<T> {
                 for (_, bytes) in &s.unacked {
                     out.extend_from_slice(bytes);
                 }
-                if !s.unacked.is_empty() {
-                    out.extend_from_slice(&el_to_string(&halyard_xep::sm::request()));
-                }
-                let resent = !s.unacked.is_empty();
                 let mut b = b;
+                // Client state is the stream's (XEP-0352): a resumed stream starts active, so
+                // what was held back for the old one goes out now, after the replay.
+                let was_inactive = b.held.is_some();
+                let held: Vec<bytes::Bytes> = b
+                    .held
+                    .take()
+                    .map(|mut h| h.items.drain(..).map(|(_, b)| b).collect())
+                    .unwrap_or_default();
+                if was_inactive {
+                    server.sessions.set_inactive(&b.full, false);
+                }
                 if let Some(s) = b.sm.as_mut() {
-                    s.r_sent_at = resent.then(std::time::Instant::now);
+                    for bytes in held {
+                        out.extend_from_slice(&bytes);
+                        s.sent_one(bytes);
+                    }
+                    if !s.unacked.is_empty() {
+                        out.extend_from_slice(&el_to_string(&halyard_xep::sm::request()));
+                        s.r_sent_at = Some(std::time::Instant::now());
+                    } else {
+                        s.r_sent_at = None;
+                    }
                 }
                 // Written even if it fails: the session then hibernates again in run_bound.
                 let _ = async {

@@ -535,3 +535,39 @@ async fn a_client_that_never_acknowledges_is_disconnected_without_loss() {
     let got = messages(&mut a2, 5).await;
     assert_eq!(bodies(&got), ["m0", "m1", "m2", "m3", "m4"]);
 }
+
+#[tokio::test]
+async fn a_resumed_stream_starts_active_and_gets_what_was_held() {
+    let s = server_cfg(&["a", "b"], |_| {}).await;
+    let (mut a, enabled) = sm_session(&s, "a", "phone", true).await;
+    let id = enabled.attr("id").expect("id").to_string();
+    a.send(&format!("<inactive xmlns='{CSI}'/>")).await;
+    sync(&mut a, "s").await;
+    let mut b = RawClient::login(&s, "b", PW, "desk").await;
+    b.send("<presence to='a@localhost/phone'><show>away</show></presence>")
+        .await;
+    sync(&mut b, "sb").await;
+    while let Some(e) = a.recv_quiet(QUIET).await {
+        assert!(e.is("r", SM), "held while inactive, got {}", xml(&e));
+    }
+    // Resumed on a new connection while the old one still looks open: the held presence comes
+    // after the replay, and the new stream is active.
+    let mut a2 = authed(&s, "a", "starttls").await;
+    a2.send(&format!("<resume xmlns='{SM}' previd='{id}' h='1'/>"))
+        .await;
+    let r = a2.recv().await;
+    assert!(r.is("resumed", SM), "{}", xml(&r));
+    let p = a2.recv_until(|e| e.name() == "presence").await;
+    assert_eq!(
+        p.get_child("show", NS_CLIENT).map(|s| s.text()).as_deref(),
+        Some("away")
+    );
+    b.send("<presence to='a@localhost/phone'><show>dnd</show></presence>")
+        .await;
+    let p = a2.recv_until(|e| e.name() == "presence").await;
+    assert_eq!(
+        p.get_child("show", NS_CLIENT).map(|s| s.text()).as_deref(),
+        Some("dnd"),
+        "active: presence flows at once"
+    );
+}
