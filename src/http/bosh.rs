@@ -1071,6 +1071,49 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn responses_carry_ack_and_a_pause_answers_everything_at_once() {
+        let mut s = shared(10, 1);
+        Arc::get_mut(&mut s).expect("sole owner").params.ack = true;
+        let Accepted::Wait { rx: rx10, .. } = s.accept(10, Incoming::default()) else {
+            panic!("held")
+        };
+        let Accepted::Wait { rx: rx11, .. } = s.accept(11, Incoming::default()) else {
+            panic!("held")
+        };
+        // rid 10 is answered when rid 11 arrives: ack reports 11 as received.
+        assert!(body_of(&rx10.await.expect("answered")).contains("ack='11'"));
+        // A pause answers the held rid 11 and itself, without payloads.
+        s.lock()
+            .out
+            .extend_from_slice(b"<message xmlns='jabber:client'/>");
+        let Accepted::Wait { rx: rx12, .. } = s.accept(
+            12,
+            Incoming {
+                pause: Some(30),
+                ..Incoming::default()
+            },
+        ) else {
+            panic!("held")
+        };
+        let r11 = body_of(&rx11.await.expect("answered"));
+        let r12 = body_of(&rx12.await.expect("answered"));
+        assert!(
+            !r11.contains("<message") && !r12.contains("<message"),
+            "{r11} {r12}"
+        );
+        assert_eq!(s.lock().pause, Some(Duration::from_secs(30)));
+        // A request still waiting when its rid is sent again gets a recoverable error.
+        let _w14 = s.accept(14, Incoming::default());
+        let Accepted::Wait { rx: first, .. } = s.accept(14, Incoming::default()) else {
+            panic!("held")
+        };
+        let Accepted::Wait { .. } = s.accept(14, Incoming::default()) else {
+            panic!("held")
+        };
+        assert!(first.await.is_err(), "the earlier copy is let go");
+    }
+
     #[test]
     fn legacy_clients_get_http_codes() {
         assert_eq!(

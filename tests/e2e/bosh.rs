@@ -189,6 +189,20 @@ impl Bosh {
 
     /// SASL PLAIN, restart, bind: returns the bound JID.
     async fn login(&mut self, user: &str, password: &str, resource: &str) -> String {
+        self.authenticate(user, password).await;
+        self.send("", &format!("<iq xmlns='jabber:client' type='set' id='bind1'><bind xmlns='{NS_BIND}'><resource>{resource}</resource></bind></iq>")).await;
+        let r = self
+            .recv_until("bind result", |e| e.attr("id") == Some("bind1"))
+            .await;
+        assert_eq!(r.attr("type"), Some("result"), "{}", xml(&r));
+        r.get_child("bind", NS_BIND)
+            .and_then(|b| b.get_child("jid", NS_BIND))
+            .map(|j| j.text())
+            .expect("bound jid")
+    }
+
+    /// SASL PLAIN and the restart: returns the features of the restarted stream.
+    async fn authenticate(&mut self, user: &str, password: &str) -> Element {
         let features = self
             .recv_until("features", |e| e.is("features", NS_STREAM))
             .await;
@@ -213,15 +227,7 @@ impl Bosh {
             .recv_until("features after restart", |e| e.is("features", NS_STREAM))
             .await;
         assert!(f.get_child("bind", NS_BIND).is_some(), "{}", xml(&f));
-        self.send("", &format!("<iq xmlns='jabber:client' type='set' id='bind1'><bind xmlns='{NS_BIND}'><resource>{resource}</resource></bind></iq>")).await;
-        let r = self
-            .recv_until("bind result", |e| e.attr("id") == Some("bind1"))
-            .await;
-        assert_eq!(r.attr("type"), Some("result"), "{}", xml(&r));
-        r.get_child("bind", NS_BIND)
-            .and_then(|b| b.get_child("jid", NS_BIND))
-            .map(|j| j.text())
-            .expect("bound jid")
+        f
     }
 }
 
@@ -645,4 +651,50 @@ async fn host_meta_advertises_websocket_and_bosh() {
     let has = |rel: &str, href: &str| links.iter().any(|l| l["rel"] == rel && l["href"] == href);
     assert!(has("urn:xmpp:alt-connections:websocket", &ws), "{}", r.body);
     assert!(has("urn:xmpp:alt-connections:xbosh", &bosh), "{}", r.body);
+}
+
+#[tokio::test]
+async fn bosh_inactivity_with_stream_management_lets_the_session_be_resumed() {
+    const SM: &str = "urn:xmpp:sm:3";
+    let s = TestServer::start_with(|c| {
+        c.bosh.inactivity_secs = 1;
+        c.bosh.max_wait_secs = 1;
+    })
+    .await;
+    let (mut b, mut tcp) = pair(&s, false, "wait='1' hold='1'").await;
+    b.send("", &format!("<enable xmlns='{SM}' resume='true'/>"))
+        .await;
+    let enabled = b.recv_until("<enabled/>", |e| e.is("enabled", SM)).await;
+    let id = enabled.attr("id").expect("resumption id").to_string();
+    // The client stops polling: a lost connection, so the session waits to be resumed (still
+    // online: no unavailable presence, and messages queue for it).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let gone = b.body("", "");
+    assert_eq!(
+        b.send_raw(&gone).await.status,
+        404,
+        "the BOSH session is over"
+    );
+    tcp.send("<message to='web@localhost/browser' type='chat'><body>while away</body></message>")
+        .await;
+    assert!(
+        tcp.recv_quiet(QUIET)
+            .await
+            .is_none_or(|e| !is_unavailable_from(&e, "web@localhost/browser")),
+        "a hibernating session is still online"
+    );
+
+    // A new BOSH session resumes it and gets what it missed.
+    let (mut b2, _) = Bosh::create(s.http, false, "wait='1' hold='1'").await;
+    b2.authenticate("web", "pw").await;
+    b2.send("", &format!("<resume xmlns='{SM}' previd='{id}' h='0'/>"))
+        .await;
+    let r = b2
+        .recv_until("<resumed/>", |e| e.ns() == SM && e.name() != "r")
+        .await;
+    assert!(r.is("resumed", SM), "{}", xml(&r));
+    b2.recv_until("the message sent while away", |e| {
+        is_message_with_body(e, "while away")
+    })
+    .await;
 }
