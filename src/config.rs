@@ -55,6 +55,8 @@ pub struct Config {
     pub appserver: AppServer,
     /// The browser chat client served at `/`.
     pub web: Web,
+    /// XEP-0124/XEP-0206 BOSH at `/http-bind` on the HTTP(S) listeners.
+    pub bosh: Bosh,
 }
 
 /// `[web]`: the browser client (Converse.js) at `/` of the HTTP(S) listeners.
@@ -72,6 +74,42 @@ impl Default for Web {
         Web {
             enabled: true,
             client_dir: PathBuf::from("web/node_modules/converse.js/dist"),
+        }
+    }
+}
+
+/// `[bosh]`: XMPP over BOSH. The server clamps what clients ask for to these limits and reports
+/// the values it chose in the session creation response.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Bosh {
+    /// Serve `/http-bind` (and advertise it in host-meta).
+    pub enabled: bool,
+    /// Longest time, in seconds, a request is held waiting for data (`wait`).
+    pub max_wait_secs: u64,
+    /// Most requests held at once (`hold`); `requests` is one more.
+    pub max_hold: u32,
+    /// Seconds without any request held or arriving after which the session counts as lost
+    /// (`inactivity`).
+    pub inactivity_secs: u64,
+    /// Shortest polling interval reported to clients, in seconds (`polling`).
+    pub polling_secs: u64,
+    /// Longest pause a client may ask for, in seconds (`maxpause`); 0 offers no pausing.
+    pub max_pause_secs: u64,
+    /// BOSH sessions at once; beyond it new ones are refused.
+    pub max_sessions: usize,
+}
+
+impl Default for Bosh {
+    fn default() -> Self {
+        Bosh {
+            enabled: true,
+            max_wait_secs: 60,
+            max_hold: 1,
+            inactivity_secs: 60,
+            polling_secs: 2,
+            max_pause_secs: 120,
+            max_sessions: 10_000,
         }
     }
 }
@@ -330,7 +368,7 @@ pub struct Listeners {
     pub c2s: Vec<SocketAddr>,
     /// Client-to-server with Direct TLS (XEP-0368).
     pub c2s_tls: Vec<SocketAddr>,
-    /// Plain HTTP: WebSocket at `/xmpp-websocket`.
+    /// Plain HTTP: WebSocket at `/xmpp-websocket`, BOSH at `/http-bind`, host-meta.
     pub http: Vec<SocketAddr>,
     /// HTTPS: the same routes over TLS.
     pub https: Vec<SocketAddr>,
@@ -410,6 +448,7 @@ impl Default for Config {
             push: Default::default(),
             appserver: AppServer::default(),
             web: Web::default(),
+            bosh: Bosh::default(),
         }
     }
 }
@@ -595,6 +634,11 @@ impl Config {
         }
         if self.auth.max_failures_per_connection == 0 {
             problems.push("auth.max_failures_per_connection must be at least 1".into());
+        }
+        let b = &self.bosh;
+        if b.max_wait_secs == 0 || b.inactivity_secs == 0 || b.max_hold == 0 || b.max_sessions == 0
+        {
+            problems.push("bosh.max_wait_secs, bosh.inactivity_secs, bosh.max_hold and bosh.max_sessions must be at least 1".into());
         }
         let primary = self.primary_domain().to_string();
         self.appserver

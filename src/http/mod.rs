@@ -15,6 +15,8 @@ use tokio::task::JoinSet;
 use crate::server::Server;
 
 pub mod webclient;
+pub mod bosh;
+pub mod discovery;
 
 /// What every HTTP handler gets.
 #[derive(Clone)]
@@ -29,6 +31,8 @@ fn router(server: Arc<Server>, secure: bool) -> Router {
     Router::new()
         .merge(crate::listener::websocket::routes())
         .merge(webclient::routes(&server))
+        .merge(crate::http::bosh::routes())
+        .merge(crate::http::discovery::routes())
         .with_state(HttpState { server, secure })
 }
 

@@ -9,6 +9,7 @@ mod common;
 mod abuse;
 mod appserver;
 mod auth;
+mod bosh;
 mod browser;
 mod chat;
 mod cli;

@@ -9,12 +9,12 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::common::*;
 
-type Ws =
+pub(super) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const FRAMING: &str = "urn:ietf:params:xml:ns:xmpp-framing";
 
-async fn ws_connect(s: &TestServer) -> Ws {
+pub(super) async fn ws_connect(s: &TestServer) -> Ws {
     let mut req = format!("ws://{}/xmpp-websocket", s.http)
         .into_client_request()
         .expect("request");
@@ -32,7 +32,7 @@ async fn ws_connect(s: &TestServer) -> Ws {
     ws
 }
 
-async fn recv(ws: &mut Ws) -> Element {
+pub(super) async fn recv(ws: &mut Ws) -> Element {
     loop {
         let msg = tokio::time::timeout(TIMEOUT, ws.next())
             .await
@@ -48,11 +48,11 @@ async fn recv(ws: &mut Ws) -> Element {
     }
 }
 
-async fn send(ws: &mut Ws, s: &str) {
+pub(super) async fn send(ws: &mut Ws, s: &str) {
     ws.send(Message::Text(s.into())).await.expect("send");
 }
 
-async fn open(ws: &mut Ws) -> Element {
+pub(super) async fn open(ws: &mut Ws) -> Element {
     send(
         ws,
         &format!("<open xmlns='{FRAMING}' to='localhost' version='1.0'/>"),
@@ -65,6 +65,22 @@ async fn open(ws: &mut Ws) -> Element {
     let f = recv(ws).await;
     assert!(f.is("features", NS_STREAM), "{}", xml(&f));
     f
+}
+
+/// PLAIN, restart and bind over WebSocket, then initial presence.
+pub(super) async fn login(ws: &mut Ws, user: &str, password: &str, resource: &str) {
+    open(ws).await;
+    let b = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+    send(
+        ws,
+        &format!("<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{b}</auth>"),
+    )
+    .await;
+    assert!(recv(ws).await.is("success", NS_SASL));
+    open(ws).await;
+    send(ws, &format!("<iq xmlns='jabber:client' type='set' id='b'><bind xmlns='{NS_BIND}'><resource>{resource}</resource></bind></iq>")).await;
+    assert_eq!(recv(ws).await.attr("type"), Some("result"));
+    send(ws, "<presence xmlns='jabber:client'/>").await;
 }
 
 #[tokio::test]
