@@ -3,6 +3,8 @@
 //! web client as they come). Each service lives in its own module and contributes a
 //! `routes() -> Router<HttpState>`.
 
+pub mod upload;
+
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -26,6 +28,7 @@ pub struct HttpState {
 fn router(server: Arc<Server>, secure: bool) -> Router {
     Router::new()
         .merge(crate::listener::websocket::routes())
+        .merge(crate::http::upload::routes())
         .with_state(HttpState { server, secure })
 }
 
