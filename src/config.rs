@@ -347,9 +347,7 @@ fn duration_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error
     }
     match Raw::deserialize(d)? {
         Raw::N(n) => Ok(n),
-        Raw::S(s) => {
-            halyard_xep::host::parse_duration_secs(&s).map_err(serde::de::Error::custom)
-        }
+        Raw::S(s) => halyard_xep::host::parse_duration_secs(&s).map_err(serde::de::Error::custom),
     }
 }
 
@@ -770,9 +768,14 @@ mod tests {
         for needle in ["is one of `domains`", "max_file_size", "upload.secret"] {
             assert!(err.contains(needle), "{needle}: {err}");
         }
-        let c = Config::parse("[upload]\nexpire_after = \"off\"\nsecret = \"0123456789abcdef-long\"").unwrap();
+        let c =
+            Config::parse("[upload]\nexpire_after = \"off\"\nsecret = \"0123456789abcdef-long\"")
+                .unwrap();
         assert_eq!(c.upload.expire_after, 0);
-        assert!(!format!("{c:?}").contains("0123456789abcdef"), "the secret is not in Debug");
+        assert!(
+            !format!("{c:?}").contains("0123456789abcdef"),
+            "the secret is not in Debug"
+        );
     }
 
     #[test]

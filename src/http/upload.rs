@@ -39,10 +39,7 @@ const CHUNK: usize = 64 * 1024;
 pub fn routes() -> Router<HttpState> {
     Router::new().route(
         "/upload/{id}/{filename}",
-        get(serve)
-            .head(serve)
-            .put(put)
-            .options(preflight),
+        get(serve).head(serve).put(put).options(preflight),
     )
 }
 
@@ -214,7 +211,10 @@ async fn put(
         }
         Ok(false) => {
             let _ = tokio::fs::remove_file(svc.store.file_path(&id)).await;
-            plain(StatusCode::GONE, "the upload slot expired during the upload\n")
+            plain(
+                StatusCode::GONE,
+                "the upload slot expired during the upload\n",
+            )
         }
         Err(e) => {
             tracing::error!(%id, error = %e, "recording an upload failed");
@@ -275,9 +275,10 @@ fn etag(id: &str) -> String {
 
 /// Whether an `If-None-Match` value matches `tag` (weak comparison, RFC 9110 §13.1.2).
 fn none_match(value: &str, tag: &str) -> bool {
-    value.split(',').map(str::trim).any(|t| {
-        t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag
-    })
+    value
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag)
 }
 
 /// A single byte range of a `len`-byte file: `Some(Ok((first, last)))`, `Some(Err(()))` when
@@ -297,7 +298,11 @@ fn parse_range(value: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
         return Some(Ok((len.saturating_sub(n), len - 1)));
     }
     let first: u64 = a.parse().ok()?;
-    let last: u64 = if b.is_empty() { u64::MAX } else { b.parse().ok()? };
+    let last: u64 = if b.is_empty() {
+        u64::MAX
+    } else {
+        b.parse().ok()?
+    };
     if last < first {
         return None;
     }
@@ -410,7 +415,10 @@ async fn serve(
     } else {
         "attachment"
     };
-    h.insert(header::CONTENT_DISPOSITION, disposition(kind, &row.filename));
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        disposition(kind, &row.filename),
+    );
 
     // A Range applies unless If-Range names another version.
     let range = header_str(&headers, header::RANGE)

@@ -143,13 +143,19 @@ fn abort(context: &str, msg: String) -> Tx {
 }
 
 /// Reads the row of `id` inside a transaction.
-fn tx_row(ids: &TransactionalTree, rows: &TransactionalTree, id: &str) -> Result<Option<Upload>, Tx> {
+fn tx_row(
+    ids: &TransactionalTree,
+    rows: &TransactionalTree,
+    id: &str,
+) -> Result<Option<Upload>, Tx> {
     let Some(owner) = ids.get(id.as_bytes()).map_err(unabortable)? else {
         return Ok(None);
     };
     let key = trees::owner_key(&String::from_utf8_lossy(&owner), id);
     match rows.get(key).map_err(unabortable)? {
-        Some(v) => decode(&v).map(Some).map_err(ConflictableTransactionError::Abort),
+        Some(v) => decode(&v)
+            .map(Some)
+            .map_err(ConflictableTransactionError::Abort),
         None => Ok(None),
     }
 }
@@ -175,8 +181,9 @@ fn tx_write(
 impl SledUploads {
     /// Opens the trees; files live under `dir` (created if missing).
     pub fn open(db: &sled::Db, dir: &Path) -> anyhow::Result<SledUploads> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create the upload folder {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("cannot create the upload folder {}: {e}", dir.display())
+        })?;
         Ok(SledUploads {
             rows: db.open_tree(trees::UPLOADS)?,
             ids: db.open_tree(trees::UPLOAD_IDS)?,
@@ -226,7 +233,9 @@ impl SledUploads {
                     .remove(u.id.as_bytes())
                     .map_err(err("removing an upload id"))?;
                 if let Some(d) = due_key(&u) {
-                    self.due.remove(d).map_err(err("removing an upload expiry"))?;
+                    self.due
+                        .remove(d)
+                        .map_err(err("removing an upload expiry"))?;
                 }
             }
             self.rows.remove(k).map_err(err("removing an upload"))?;
@@ -242,7 +251,9 @@ impl SledUploads {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(path = %p.display(), error = %e, "cannot delete an uploaded file"),
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot delete an uploaded file")
+                }
             }
         }
     }
@@ -273,7 +284,11 @@ impl UploadStore for SledUploads {
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<Upload>> {
-        let Some(owner) = self.ids.get(id.as_bytes()).map_err(err("reading an upload id"))? else {
+        let Some(owner) = self
+            .ids
+            .get(id.as_bytes())
+            .map_err(err("reading an upload id"))?
+        else {
             return Ok(None);
         };
         let key = trees::owner_key(&String::from_utf8_lossy(&owner), id);
@@ -355,7 +370,9 @@ impl UploadStore for SledUploads {
                 Some(u) => out.push(u),
                 None => {
                     // An index entry without its row (cannot happen through this store): drop it.
-                    self.due.remove(&k).map_err(err("removing an upload expiry"))?;
+                    self.due
+                        .remove(&k)
+                        .map_err(err("removing an upload expiry"))?;
                 }
             }
         }
@@ -420,31 +437,55 @@ mod tests {
     #[tokio::test]
     async fn upload_slot_lifecycle_quota_and_expiry() {
         let d = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(d.path().join("db")).open().unwrap();
+        let db = sled::Config::new()
+            .path(d.path().join("db"))
+            .open()
+            .unwrap();
         let s = SledUploads::open(&db, &d.path().join("files")).unwrap();
         let me = BareJid::new("me@x").unwrap();
         s.reserve(&slot(A, "me@x", 60, 100), 100).await.unwrap();
         match s.reserve(&slot(B, "me@x", 50, 100), 100).await {
-            Err(ReserveError::Quota { used: 60, quota: 100 }) => {}
+            Err(ReserveError::Quota {
+                used: 60,
+                quota: 100,
+            }) => {}
             other => panic!("{other:?}"),
         }
         s.reserve(&slot(B, "me@x", 40, 100), 100).await.unwrap();
-        assert!(s.reserve(&slot(B, "other@x", 1, 100), 0).await.is_err(), "ids are unique");
+        assert!(
+            s.reserve(&slot(B, "other@x", 1, 100), 0).await.is_err(),
+            "ids are unique"
+        );
 
-        assert_eq!(s.claim(A).await.unwrap().unwrap().state, UploadState::Uploading);
-        assert!(s.claim(A).await.unwrap().is_none(), "a slot is claimed once");
+        assert_eq!(
+            s.claim(A).await.unwrap().unwrap().state,
+            UploadState::Uploading
+        );
+        assert!(
+            s.claim(A).await.unwrap().is_none(),
+            "a slot is claimed once"
+        );
         s.release(A).await.unwrap();
-        assert!(s.claim(A).await.unwrap().is_some(), "released, it can be claimed again");
+        assert!(
+            s.claim(A).await.unwrap().is_some(),
+            "released, it can be claimed again"
+        );
         std::fs::write(s.file_path(A), b"x").unwrap();
         assert!(s.complete(A, 5, 0).await.unwrap());
-        assert!(s.claim(A).await.unwrap().is_none(), "a stored file is not a slot");
+        assert!(
+            s.claim(A).await.unwrap().is_none(),
+            "a stored file is not a slot"
+        );
         let a = s.get(A).await.unwrap().unwrap();
         assert_eq!((a.state, a.created, a.expires), (UploadState::Stored, 5, 0));
 
         // Due: B's slot at 100; A never.
         assert!(s.due(99, 10).await.unwrap().is_empty());
         let due = s.due(100, 10).await.unwrap();
-        assert_eq!(due.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(), vec![B]);
+        assert_eq!(
+            due.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(),
+            vec![B]
+        );
         assert!(s.remove(B).await.unwrap());
         assert!(s.due(1000, 10).await.unwrap().is_empty());
         assert_eq!(s.list(&me).await.unwrap().len(), 1);
@@ -453,7 +494,10 @@ mod tests {
         s.remove_owner(&me, true).unwrap();
         assert!(s.list(&me).await.unwrap().is_empty());
         assert!(s.get(A).await.unwrap().is_none());
-        assert!(!s.file_path(A).exists(), "account removal deletes the files");
+        assert!(
+            !s.file_path(A).exists(),
+            "account removal deletes the files"
+        );
         assert!(s.due(u64::MAX - 1, 10).await.unwrap().is_empty());
     }
 

@@ -264,8 +264,14 @@ pub enum SlotError {
     TooLarge(u64),
     Forbidden,
     /// Too many slots; retry at this time (seconds since the epoch).
-    Rate { per_minute: u32, retry_at: u64 },
-    Quota { used: u64, quota: u64 },
+    Rate {
+        per_minute: u32,
+        retry_at: u64,
+    },
+    Quota {
+        used: u64,
+        quota: u64,
+    },
     Unavailable(&'static str),
     Internal,
 }
@@ -335,12 +341,22 @@ impl UploadService {
 
     /// The signature of a PUT URL (base64url).
     pub fn sign(&self, path: &str, size: u64, content_type: &str, expires: u64) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(self.mac(path, size, content_type, expires).finalize().into_bytes())
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+            self.mac(path, size, content_type, expires)
+                .finalize()
+                .into_bytes(),
+        )
     }
 
     /// Checks a signature in constant time.
-    pub fn verify(&self, path: &str, size: u64, content_type: &str, expires: u64, sig: &str) -> bool {
+    pub fn verify(
+        &self,
+        path: &str,
+        size: u64,
+        content_type: &str,
+        expires: u64,
+        sig: &str,
+    ) -> bool {
         let Ok(raw) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig) else {
             return false;
         };
@@ -379,18 +395,25 @@ impl UploadService {
         content_type: Option<&str>,
     ) -> Result<Slot, SlotError> {
         let filename = filename.ok_or(SlotError::BadRequest("the request has no filename"))?;
-        let filename = sanitize_filename(filename)
-            .ok_or(SlotError::BadRequest("the file name is empty once made safe"))?;
+        let filename = sanitize_filename(filename).ok_or(SlotError::BadRequest(
+            "the file name is empty once made safe",
+        ))?;
         let size: u64 = size
             .and_then(|s| s.trim().parse().ok())
-            .ok_or(SlotError::BadRequest("size must be the file's size in bytes"))?;
+            .ok_or(SlotError::BadRequest(
+                "size must be the file's size in bytes",
+            ))?;
         if size > self.limits.max_file_size {
             return Err(SlotError::TooLarge(self.limits.max_file_size));
         }
         let content_type = check_content_type(content_type).map_err(SlotError::BadRequest)?;
-        let base = self.base_url.get().filter(|b| !b.is_empty()).ok_or(
-            SlotError::Unavailable("the server has no HTTP listener to upload to"),
-        )?;
+        let base = self
+            .base_url
+            .get()
+            .filter(|b| !b.is_empty())
+            .ok_or(SlotError::Unavailable(
+                "the server has no HTTP listener to upload to",
+            ))?;
         let now = now_secs();
         if let Err(retry_at) = self.rate(owner, now) {
             return Err(SlotError::Rate {
@@ -511,8 +534,7 @@ impl UploadService {
 }
 
 fn error(st: &Stanza, e: StanzaError) -> Element {
-    st.error_reply(e)
-        .unwrap_or_else(|| st.iq_result(None))
+    st.error_reply(e).unwrap_or_else(|| st.iq_result(None))
 }
 
 /// The error reply for a refused slot, with XEP-0363's application elements.
@@ -535,9 +557,7 @@ fn slot_error(st: &Stanza, e: SlotError) -> Element {
             false,
         ),
         SlotError::Forbidden => (
-            StanzaError::Forbidden(Some(
-                "only accounts of this server may upload files".into(),
-            )),
+            StanzaError::Forbidden(Some("only accounts of this server may upload files".into())),
             None,
             false,
         ),
@@ -653,7 +673,9 @@ pub async fn expiry(service: Arc<UploadService>, mut shutdown: tokio::sync::watc
                         tracing::debug!(id = %u.id, owner = %u.owner, state = ?u.state, "upload expired");
                     }
                     Ok(false) => {}
-                    Err(e) => tracing::warn!(id = %u.id, error = %e, "removing an expired upload failed"),
+                    Err(e) => {
+                        tracing::warn!(id = %u.id, error = %e, "removing an expired upload failed")
+                    }
                 }
             }
             if batch < 256 {
@@ -677,11 +699,26 @@ mod tests {
 
     #[test]
     fn upload_filenames_are_sanitised() {
-        assert_eq!(sanitize_filename("très cool.jpg").as_deref(), Some("très cool.jpg"));
-        assert_eq!(sanitize_filename("../../etc/passwd").as_deref(), Some("passwd"));
-        assert_eq!(sanitize_filename("C:\\Users\\x\\a.png").as_deref(), Some("a.png"));
-        assert_eq!(sanitize_filename("..hidden.txt").as_deref(), Some("hidden.txt"));
-        assert_eq!(sanitize_filename("a\nb\u{0}c\".txt").as_deref(), Some("a_b_c_.txt"));
+        assert_eq!(
+            sanitize_filename("très cool.jpg").as_deref(),
+            Some("très cool.jpg")
+        );
+        assert_eq!(
+            sanitize_filename("../../etc/passwd").as_deref(),
+            Some("passwd")
+        );
+        assert_eq!(
+            sanitize_filename("C:\\Users\\x\\a.png").as_deref(),
+            Some("a.png")
+        );
+        assert_eq!(
+            sanitize_filename("..hidden.txt").as_deref(),
+            Some("hidden.txt")
+        );
+        assert_eq!(
+            sanitize_filename("a\nb\u{0}c\".txt").as_deref(),
+            Some("a_b_c_.txt")
+        );
         assert_eq!(sanitize_filename("name. . ").as_deref(), Some("name"));
         for bad in ["", "...", "dir/", " . ", "\n"] {
             assert_eq!(sanitize_filename(bad), None, "{bad:?}");
@@ -696,8 +733,14 @@ mod tests {
 
     #[test]
     fn upload_content_types() {
-        assert_eq!(check_content_type(None).unwrap(), "application/octet-stream");
-        assert_eq!(check_content_type(Some("Image/JPEG")).unwrap(), "image/jpeg");
+        assert_eq!(
+            check_content_type(None).unwrap(),
+            "application/octet-stream"
+        );
+        assert_eq!(
+            check_content_type(Some("Image/JPEG")).unwrap(),
+            "image/jpeg"
+        );
         assert_eq!(
             check_content_type(Some("text/plain;charset=utf-8")).unwrap(),
             "text/plain; charset=utf-8"
@@ -706,7 +749,13 @@ mod tests {
             assert!(check_content_type(Some(bad)).is_err(), "{bad:?}");
         }
         assert!(inline_safe("image/png") && inline_safe("text/plain; charset=utf-8"));
-        for active in ["text/html", "image/svg+xml", "application/xml", "text/javascript", "application/octet-stream"] {
+        for active in [
+            "text/html",
+            "image/svg+xml",
+            "application/xml",
+            "text/javascript",
+            "application/octet-stream",
+        ] {
             assert!(!inline_safe(active), "{active}");
         }
     }
@@ -722,9 +771,8 @@ mod tests {
 
     fn service(dir: &Path, slots_per_minute: u32, quota: u64) -> UploadService {
         let db = sled::Config::new().temporary(true).open().unwrap();
-        let store = Arc::new(
-            crate::store::upload::SledUploads::open(&db, &dir.join("uploads")).unwrap(),
-        );
+        let store =
+            Arc::new(crate::store::upload::SledUploads::open(&db, &dir.join("uploads")).unwrap());
         let cfg = crate::config::Upload {
             max_file_size: 1000,
             quota_per_user: quota,
@@ -744,34 +792,66 @@ mod tests {
             .request_slot("me@x", Some("a b.png"), Some("600"), Some("image/png"))
             .await
             .unwrap();
-        assert!(slot.get.starts_with("https://x:5281/upload/"), "{}", slot.get);
+        assert!(
+            slot.get.starts_with("https://x:5281/upload/"),
+            "{}",
+            slot.get
+        );
         assert!(slot.get.ends_with("/a%20b.png"), "{}", slot.get);
         assert!(slot.put.starts_with(&format!("{}?e=", slot.get)));
         let path = slot.get.trim_start_matches("https://x:5281");
-        let (e, sig) = slot.put.split_once("?e=").unwrap().1.split_once("&s=").unwrap();
+        let (e, sig) = slot
+            .put
+            .split_once("?e=")
+            .unwrap()
+            .1
+            .split_once("&s=")
+            .unwrap();
         let e: u64 = e.parse().unwrap();
         assert!(s.verify(path, 600, "image/png", e, sig));
         assert!(!s.verify(path, 601, "image/png", e, sig), "size is signed");
-        assert!(!s.verify(path, 600, "image/gif", e, sig), "content type is signed");
-        assert!(!s.verify(path, 600, "image/png", e + 1, sig), "expiry is signed");
-        assert!(!s.verify("/upload/x/y", 600, "image/png", e, sig), "path is signed");
+        assert!(
+            !s.verify(path, 600, "image/gif", e, sig),
+            "content type is signed"
+        );
+        assert!(
+            !s.verify(path, 600, "image/png", e + 1, sig),
+            "expiry is signed"
+        );
+        assert!(
+            !s.verify("/upload/x/y", 600, "image/png", e, sig),
+            "path is signed"
+        );
         assert!(!s.verify(path, 600, "image/png", e, "AAAA"));
 
         assert_eq!(
-            s.request_slot("me@x", Some("b.png"), Some("1001"), None).await.unwrap_err(),
+            s.request_slot("me@x", Some("b.png"), Some("1001"), None)
+                .await
+                .unwrap_err(),
             SlotError::TooLarge(1000)
         );
         assert!(matches!(
-            s.request_slot("me@x", Some("b.png"), Some("901"), None).await.unwrap_err(),
-            SlotError::Quota { used: 600, quota: 1500 }
+            s.request_slot("me@x", Some("b.png"), Some("901"), None)
+                .await
+                .unwrap_err(),
+            SlotError::Quota {
+                used: 600,
+                quota: 1500
+            }
         ));
         assert!(matches!(
-            s.request_slot("me@x", Some("b.png"), Some("-1"), None).await.unwrap_err(),
+            s.request_slot("me@x", Some("b.png"), Some("-1"), None)
+                .await
+                .unwrap_err(),
             SlotError::BadRequest(_)
         ));
-        s.request_slot("me@x", Some("c.png"), Some("1"), None).await.unwrap();
+        s.request_slot("me@x", Some("c.png"), Some("1"), None)
+            .await
+            .unwrap();
         assert!(matches!(
-            s.request_slot("me@x", Some("d.png"), Some("1"), None).await.unwrap_err(),
+            s.request_slot("me@x", Some("d.png"), Some("1"), None)
+                .await
+                .unwrap_err(),
             SlotError::Rate { per_minute: 3, .. }
         ));
         s.request_slot("other@x", Some("d.png"), Some("1"), None)
@@ -785,11 +865,17 @@ mod tests {
         let k1 = load_key("", d.path()).unwrap();
         assert_eq!(k1.len(), 32);
         assert_eq!(load_key("", d.path()).unwrap(), k1);
-        assert_eq!(load_key("a configured secret", d.path()).unwrap(), b"a configured secret");
+        assert_eq!(
+            load_key("a configured secret", d.path()).unwrap(),
+            b"a configured secret"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(d.path().join("upload.key")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(d.path().join("upload.key"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

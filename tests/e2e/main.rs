@@ -20,4 +20,5 @@ mod push;
 mod roster_presence;
 mod routing;
 mod services;
+mod upload;
 mod websocket;
