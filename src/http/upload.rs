@@ -184,9 +184,17 @@ async fn put(
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "storage error\n");
         }
     };
+    // If the connection drops mid-upload, hyper drops this future: the guard then gives the
+    // slot back and deletes the partial file.
+    let mut guard = Claimed {
+        store: svc.store.clone(),
+        id: id.clone(),
+        armed: true,
+    };
     match receive(svc, &slot, body).await {
         Ok(()) => {}
         Err((status, text)) => {
+            guard.armed = false;
             let _ = tokio::fs::remove_file(svc.store.partial_path(&id)).await;
             if let Err(e) = svc.store.release(&id).await {
                 tracing::error!(%id, error = %e, "releasing an upload slot failed");
@@ -194,6 +202,7 @@ async fn put(
             return plain(status, text);
         }
     }
+    guard.armed = false;
     let now = now_secs();
     let file_expires = match svc.limits().expire_after {
         0 => 0,
@@ -221,6 +230,31 @@ async fn put(
             let _ = tokio::fs::remove_file(svc.store.file_path(&id)).await;
             let _ = svc.store.release(&id).await;
             plain(StatusCode::INTERNAL_SERVER_ERROR, "storage error\n")
+        }
+    }
+}
+
+/// A claimed slot whose upload has not finished.
+struct Claimed {
+    store: std::sync::Arc<dyn crate::store::upload::UploadStore>,
+    id: String,
+    armed: bool,
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (store, id) = (self.store.clone(), std::mem::take(&mut self.id));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = tokio::fs::remove_file(store.partial_path(&id)).await;
+                if let Err(e) = store.release(&id).await {
+                    tracing::error!(%id, error = %e, "releasing an abandoned upload slot failed");
+                }
+                tracing::info!(%id, "upload abandoned; the slot may be used again");
+            });
         }
     }
 }

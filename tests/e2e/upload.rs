@@ -87,6 +87,20 @@ impl Answer {
     }
 }
 
+/// A TLS connection to the HTTPS listener, as to `localhost`.
+async fn connect(s: &TestServer) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(s.https)
+        .await
+        .expect("connect");
+    tokio_rustls::TlsConnector::from(client_tls())
+        .connect(
+            rustls::pki_types::ServerName::try_from(DOMAIN).expect("name"),
+            tcp,
+        )
+        .await
+        .expect("tls handshake")
+}
+
 /// One HTTPS request to the test server for `url` (which must be on its public URL).
 async fn http(
     s: &TestServer,
@@ -99,16 +113,7 @@ async fn http(
     let path = url
         .strip_prefix(&base)
         .unwrap_or_else(|| panic!("{url} is not under {base}"));
-    let tcp = tokio::net::TcpStream::connect(s.https)
-        .await
-        .expect("connect");
-    let tls = tokio_rustls::TlsConnector::from(client_tls())
-        .connect(
-            rustls::pki_types::ServerName::try_from(DOMAIN).expect("name"),
-            tcp,
-        )
-        .await
-        .expect("tls handshake");
+    let tls = connect(s).await;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .expect("http handshake");
@@ -601,4 +606,53 @@ async fn upload_account_removal_deletes_the_files() {
     assert!(r.error.is_none(), "{:?}", r.error);
     assert!(!file.exists(), "the file is deleted with the account");
     assert_eq!(http(&s, "GET", &get_url, &[], Vec::new()).await.status, 404);
+}
+
+#[tokio::test]
+async fn upload_abandoned_midway_keeps_nothing_and_the_slot_works_again() {
+    use tokio::io::AsyncWriteExt;
+    let s = server(|_| {}).await;
+    let mut alice = RawClient::login(&s, "alice", PW, "phone").await;
+    let data = binary(100_000);
+    let (put_url, get_url) = slot(&mut alice, "s1", "a.bin", data.len(), None).await;
+    let base = format!("https://localhost:{}", s.https.port());
+    let path = put_url.strip_prefix(&base).expect("path");
+    let mut tls = connect(&s).await;
+    tls.write_all(
+        format!(
+            "PUT {path} HTTP/1.1\r\nHost: localhost:{}\r\nContent-Length: {}\r\n\r\n",
+            s.https.port(),
+            data.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write head");
+    tls.write_all(&data[..30_000]).await.expect("write part");
+    tls.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(tls);
+
+    let partial = s
+        .data_dir()
+        .join("uploads")
+        .join(format!("{}.part", id_of(&get_url)));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = put(&s, &put_url, None, data.clone()).await;
+        if r.status == 201 {
+            break;
+        }
+        assert_eq!(
+            r.status, 409,
+            "only busy until the abandoned attempt is cleaned up"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot is given back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!partial.exists(), "no partial file is left");
+    assert!(http(&s, "GET", &get_url, &[], Vec::new()).await.body == data);
 }
