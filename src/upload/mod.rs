@@ -496,8 +496,7 @@ impl UploadService {
     }
 
     async fn slot(&self, host: &dyn Host, st: &Stanza, req: &Element) -> Element {
-        // Only accounts of this server (the router has stamped `from`).
-        let local = st.from.node().is_some() && host.is_local_domain(st.from.domain().as_str());
+        let local = may_upload(&st.from, |d| host.is_local_domain(d));
         let owner = st.from.to_bare().to_string();
         let r = if local {
             self.request_slot(
@@ -531,6 +530,12 @@ impl UploadService {
             }
         }
     }
+}
+
+/// Whether `from` (stamped by the router) is an account of a domain this server serves: only
+/// those get slots.
+pub fn may_upload(from: &jid::Jid, is_local_domain: impl Fn(&str) -> bool) -> bool {
+    from.node().is_some() && is_local_domain(from.domain().as_str())
 }
 
 fn error(st: &Stanza, e: StanzaError) -> Element {
@@ -857,6 +862,20 @@ mod tests {
         s.request_slot("other@x", Some("d.png"), Some("1"), None)
             .await
             .expect("the rate is per account");
+    }
+
+    #[test]
+    fn upload_only_accounts_of_served_domains() {
+        let local = |d: &str| d == "x.org";
+        let j = |s: &str| jid::Jid::new(s).unwrap();
+        assert!(may_upload(&j("alice@x.org/phone"), local));
+        assert!(may_upload(&j("alice@x.org"), local));
+        assert!(!may_upload(&j("mallory@elsewhere.org/r"), local));
+        assert!(
+            !may_upload(&j("x.org"), local),
+            "the server itself is no account"
+        );
+        assert!(!may_upload(&j("upload.x.org"), local));
     }
 
     #[test]
