@@ -5,8 +5,8 @@
 //!   slot must not have expired (else 403); a used slot gets 409. `Content-Length` must be the
 //!   slot's size (missing: 411; larger: 413; smaller: 400) and `Content-Type` its type (400).
 //!   The body is streamed to `<id>.part` and renamed once exactly the declared bytes arrived and
-//!   are on disk; on any failure the partial file is deleted and the slot may be retried until
-//!   it expires. 201 on success.
+//!   are on disk; on any failure (a body that stalls for a minute: 408; a dropped connection)
+//!   the partial file is deleted and the slot may be retried until it expires. 201 on success.
 //! - **GET/HEAD**: `Content-Length`, single `Range` requests (206, 416), `ETag` (the id: files
 //!   never change), `Last-Modified`, `Cache-Control` with a long `max-age` (capped at the file's
 //!   remaining life), `If-None-Match` (304). Served so that no upload runs in our origin:
@@ -35,6 +35,8 @@ use crate::upload::{essence, inline_safe, now_secs, url_path, UploadService};
 const MAX_AGE: u64 = 365 * 86_400;
 /// Bytes read from a file per body chunk.
 const CHUNK: usize = 64 * 1024;
+/// How long an upload may send nothing before it is given up (its slot stays usable).
+const BODY_IDLE: Duration = Duration::from_secs(60);
 
 pub fn routes() -> Router<HttpState> {
     Router::new().route(
@@ -273,7 +275,12 @@ async fn receive(
     };
     let mut file = tokio::fs::File::create(&partial).await.map_err(io_failed)?;
     let mut got = 0u64;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let Ok(next) = tokio::time::timeout(BODY_IDLE, body.frame()).await else {
+            tracing::info!(id = %slot.id, "upload stalled; given up");
+            return Err((StatusCode::REQUEST_TIMEOUT, "the upload stalled\n"));
+        };
+        let Some(frame) = next else { break };
         let frame = frame.map_err(|e| {
             tracing::info!(id = %slot.id, error = %e, "upload body failed");
             (StatusCode::BAD_REQUEST, "the upload was interrupted\n")
