@@ -57,6 +57,8 @@ pub struct Config {
     pub web: Web,
     /// XEP-0124/XEP-0206 BOSH at `/http-bind` on the HTTP(S) listeners.
     pub bosh: Bosh,
+    /// XEP-0363 HTTP file upload (`upload.<domain>`).
+    pub upload: Upload,
 }
 
 /// `[web]`: the browser client (Converse.js) at `/` of the HTTP(S) listeners.
@@ -338,6 +340,117 @@ impl AppServer {
     }
 }
 
+/// `[upload]`: the XEP-0363 HTTP file upload component and its HTTP routes (`/upload/...`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upload {
+    /// Serve the component and the upload routes.
+    pub enabled: bool,
+    /// Its address; empty means `upload.<primary domain>`.
+    pub domain: String,
+    /// Largest file, in bytes (advertised as `max-file-size`).
+    pub max_file_size: u64,
+    /// Bytes one account may have stored (and reserved by open slots); 0: no quota.
+    pub quota_per_user: u64,
+    /// Slots one account may request per minute; 0: no limit.
+    pub slots_per_minute: u32,
+    /// Uploaded files are deleted this long after the upload (`"30d"`, `"12h"`, ...); `"off"`
+    /// keeps them until the account is removed.
+    #[serde(deserialize_with = "duration_secs")]
+    pub expire_after: u64,
+    /// Seconds a slot's PUT URL stays valid.
+    pub slot_validity_secs: u64,
+    /// The key PUT URLs are signed with (HMAC-SHA256). Empty: a random key generated once and
+    /// kept in `<data_dir>/upload.key`.
+    pub secret: String,
+}
+
+/// The secret stays out of `Debug` (and so out of logs).
+impl std::fmt::Debug for Upload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upload")
+            .field("enabled", &self.enabled)
+            .field("domain", &self.domain)
+            .field("max_file_size", &self.max_file_size)
+            .field("quota_per_user", &self.quota_per_user)
+            .field("slots_per_minute", &self.slots_per_minute)
+            .field("expire_after", &self.expire_after)
+            .field("slot_validity_secs", &self.slot_validity_secs)
+            .field("secret", &if self.secret.is_empty() { "" } else { "<set>" })
+            .finish()
+    }
+}
+
+impl Default for Upload {
+    fn default() -> Self {
+        Upload {
+            enabled: true,
+            domain: String::new(),
+            max_file_size: 100 * 1024 * 1024,
+            quota_per_user: 1024 * 1024 * 1024,
+            slots_per_minute: 30,
+            expire_after: 30 * 86_400,
+            slot_validity_secs: 300,
+            secret: String::new(),
+        }
+    }
+}
+
+/// A duration written as `"30d"`, `"12h"`, a number of seconds, or `"off"` (0).
+fn duration_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::N(n) => Ok(n),
+        Raw::S(s) => halyard_xep::host::parse_duration_secs(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+impl Upload {
+    /// The component's address for a server whose primary domain is `primary`.
+    pub fn domain_for(&self, primary: &str) -> String {
+        if self.domain.is_empty() {
+            format!("upload.{primary}")
+        } else {
+            self.domain.clone()
+        }
+    }
+
+    fn problems(&mut self, primary: &str, served: &[String], out: &mut Vec<String>) {
+        if !self.enabled {
+            return;
+        }
+        match jid::BareJid::new(&self.domain_for(primary)) {
+            Ok(j) if j.node().is_none() => {
+                let d = j.domain().to_string();
+                if served.contains(&d) {
+                    out.push(format!("upload.domain {d:?} is one of `domains`: the upload service needs an address of its own, e.g. \"upload.{primary}\""));
+                }
+                if !self.domain.is_empty() {
+                    self.domain = d;
+                }
+            }
+            _ => out.push(format!(
+                "upload.domain {:?} is not a valid domain name: use e.g. \"upload.{primary}\"",
+                self.domain
+            )),
+        }
+        if self.max_file_size == 0 {
+            out.push("upload.max_file_size must be at least 1 (bytes)".into());
+        }
+        if self.slot_validity_secs == 0 {
+            out.push("upload.slot_validity_secs must be at least 1 (300 is usual)".into());
+        }
+        if !self.secret.is_empty() && self.secret.len() < 16 {
+            out.push("upload.secret is shorter than 16 characters: use a long random string, or leave it empty to have one generated".into());
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Storage {
@@ -449,6 +562,7 @@ impl Default for Config {
             appserver: AppServer::default(),
             web: Web::default(),
             bosh: Bosh::default(),
+            upload: Upload::default(),
         }
     }
 }
@@ -643,6 +757,7 @@ impl Config {
         let primary = self.primary_domain().to_string();
         self.appserver
             .problems(&primary, &self.domains, &mut problems);
+        self.upload.problems(&primary, &self.domains, &mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -706,6 +821,31 @@ mod tests {
             PathBuf::from("/etc/halyard/ca.pem")
         );
         assert_eq!(c.appserver.fcm.service_account_file, PathBuf::new());
+    }
+
+    #[test]
+    fn upload_settings() {
+        let mut c = Config::default();
+        c.validate().unwrap();
+        assert!(c.upload.enabled);
+        assert_eq!(c.upload.domain_for(c.primary_domain()), "upload.localhost");
+        let mut c = Config::parse(
+            "domains = [\"x.org\"]\n[upload]\ndomain = \"X.org\"\nexpire_after = \"2h\"\nmax_file_size = 0\nsecret = \"short\"",
+        )
+        .unwrap();
+        assert_eq!(c.upload.expire_after, 7200);
+        let err = c.validate().unwrap_err().to_string();
+        for needle in ["is one of `domains`", "max_file_size", "upload.secret"] {
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        let c =
+            Config::parse("[upload]\nexpire_after = \"off\"\nsecret = \"0123456789abcdef-long\"")
+                .unwrap();
+        assert_eq!(c.upload.expire_after, 0);
+        assert!(
+            !format!("{c:?}").contains("0123456789abcdef"),
+            "the secret is not in Debug"
+        );
     }
 
     #[test]

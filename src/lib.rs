@@ -32,6 +32,7 @@ pub mod sessions;
 pub mod store;
 pub mod stream;
 pub mod tls;
+pub mod upload;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -132,6 +133,11 @@ pub async fn serve(
         String::new()
     };
     let _ = server.public_url.set(public_url);
+    if let Some(u) = &server.upload {
+        // XEP-0363: slots are built from the public URL; expired files and slots are removed.
+        u.set_base_url(server.public_url());
+        set.spawn(upload::expiry(u.clone(), shutdown.clone()));
+    }
     let admin = admin::socket::bind(&config.data_dir).await?;
     set.spawn(admin::socket::serve(admin, server.clone()));
     {

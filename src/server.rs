@@ -49,6 +49,8 @@ pub struct Server {
     pub public_url: std::sync::OnceLock<String>,
     /// The XEP-0357 app server component, when `[appserver]` enables it (also in the registry).
     pub appserver: Option<Arc<crate::appserver::AppServer>>,
+    /// The XEP-0363 upload component, when `[upload]` enables it (also in the registry).
+    pub upload: Option<Arc<crate::upload::UploadService>>,
 }
 
 /// An iq the server sent and whose result or error it awaits.
@@ -76,6 +78,19 @@ impl Server {
             )?);
             registry.component(domain, a.clone());
             Some(a)
+        } else {
+            None
+        };
+        let upload = if config.upload.enabled {
+            let domain = config.upload.domain_for(config.primary_domain());
+            let u = Arc::new(crate::upload::UploadService::new(
+                &config.upload,
+                domain.clone(),
+                stores.uploads.clone(),
+                &config.data_dir,
+            )?);
+            registry.component(domain, u.clone());
+            Some(u)
         } else {
             None
         };
@@ -109,6 +124,7 @@ impl Server {
             sm: Default::default(),
             public_url: std::sync::OnceLock::new(),
             appserver,
+            upload,
         })
     }
 

@@ -310,6 +310,8 @@ pub struct ExportStats {
     pub archived: u64,
     pub push_registrations: u64,
     pub push_devices: u64,
+    /// XEP-0363 uploaded files (their metadata; the files stay in `<data_dir>/uploads`).
+    pub uploads: u64,
     /// Stanzas that were not in canonical form and went out as base64.
     pub raw_stanzas: u64,
     /// Owners that could not be written (no user part).
@@ -555,6 +557,30 @@ async fn write_user<W: Write + Send>(
         }
         o.push("\n      </push-devices>\n");
     }
+    // XEP-0363 uploads: the metadata of stored files (open slots are not carried; the file
+    // bytes stay in `<data_dir>/uploads/<id>`, copied separately).
+    let uploads: Vec<_> = stores
+        .uploads
+        .list(jid)
+        .await?
+        .into_iter()
+        .filter(|u| u.state == crate::store::upload::UploadState::Stored)
+        .collect();
+    if !uploads.is_empty() {
+        o.push("      <uploads xmlns='urn:halyard:pie:0'>");
+        for u in &uploads {
+            o.push("\n        <file");
+            o.attr("id", &u.id)?;
+            o.attr("filename", &u.filename)?;
+            o.attr("size", &u.size.to_string())?;
+            o.attr("content-type", &u.content_type)?;
+            o.attr("created", &u.created.to_string())?;
+            o.attr("expires", &u.expires.to_string())?;
+            o.push("/>");
+            stats.uploads += 1;
+        }
+        o.push("\n      </uploads>\n");
+    }
     let offline = stores.offline.list(jid).await?;
     if !offline.is_empty() {
         o.push("      <offline-messages>\n");
@@ -709,6 +735,12 @@ pub async fn export(ctx: &Context<'_>, path: &str) -> anyhow::Result<Vec<String>
         lines.push(format!(
             "{} push devices (app server registrations)",
             stats.push_devices
+        ));
+    }
+    if stats.uploads > 0 {
+        lines.push(format!(
+            "{} uploaded files (metadata only: copy <data_dir>/uploads along with the export)",
+            stats.uploads
         ));
     }
     if stats.users > stats.accounts {
@@ -1100,6 +1132,7 @@ struct UserState {
     offline_seqs: BTreeSet<u64>,
     push: Vec<PushRegistration>,
     push_devices: Vec<crate::store::appserver::Registration>,
+    uploads: Vec<crate::store::upload::Upload>,
     /// Something was written for this user (so a failure must undo it).
     wrote: bool,
 }
@@ -1114,6 +1147,7 @@ struct ImportStats {
     archived: u64,
     push_registrations: u64,
     push_devices: u64,
+    uploads: u64,
 }
 
 struct Importer<'a> {
@@ -1127,6 +1161,8 @@ struct Importer<'a> {
     stats: ImportStats,
     max_seq: Option<u64>,
     format_version: Option<u32>,
+    /// Upload ids seen in the file (they are unique across accounts).
+    upload_ids: HashSet<String>,
 }
 
 /// A store error as one message (its display already includes its source).
@@ -1237,6 +1273,7 @@ impl<'a> Importer<'a> {
             stats: ImportStats::default(),
             max_seq: None,
             format_version: None,
+            upload_ids: HashSet::new(),
         }
     }
 
@@ -1552,6 +1589,58 @@ impl<'a> Importer<'a> {
                     u.push_devices.push(reg);
                 }
             }
+            ("uploads", NS_EXT) => {
+                let owner = self.owner()?.to_string();
+                ensure!(self.user()?.uploads.is_empty(), "two <uploads/>");
+                let mut files = Vec::new();
+                for f in el.children() {
+                    ensure!(f.is("file", NS_EXT), "<uploads/> holds only <file/>");
+                    let a = |name: &str| -> anyhow::Result<String> {
+                        f.attr(name)
+                            .filter(|v| !v.is_empty())
+                            .map(str::to_string)
+                            .with_context(|| format!("<file/> without {name}"))
+                    };
+                    let id = a("id")?;
+                    ensure!(
+                        crate::store::upload::valid_id(&id),
+                        "upload id {id:?} is not 16 to 64 URL-safe characters"
+                    );
+                    let filename = a("filename")?;
+                    ensure!(
+                        crate::upload::sanitize_filename(&filename).as_deref()
+                            == Some(filename.as_str()),
+                        "upload file name {filename:?} is not a safe file name"
+                    );
+                    let content_type = a("content-type")?;
+                    ensure!(
+                        crate::upload::check_content_type(Some(&content_type)).as_deref()
+                            == Ok(content_type.as_str()),
+                        "upload content type {content_type:?} is not valid"
+                    );
+                    ensure!(
+                        self.upload_ids.insert(id.clone()),
+                        "upload id {id:?} appears twice"
+                    );
+                    if !self.write && self.ctx.stores.uploads.get(&id).await?.is_some() {
+                        let c = format!("{owner} (upload id {id} is stored here)");
+                        if !self.conflicts.contains(&owner) {
+                            self.conflicts.push(c);
+                        }
+                    }
+                    files.push(crate::store::upload::Upload {
+                        id,
+                        owner: owner.clone(),
+                        filename,
+                        size: attr_u64(f, "size")?,
+                        content_type,
+                        created: attr_u64(f, "created")?,
+                        expires: attr_u64(f, "expires")?,
+                        state: crate::store::upload::UploadState::Stored,
+                    });
+                }
+                self.user()?.uploads = files;
+            }
             ("no-account", NS_EXT) => self.user()?.no_account = true,
             (name, ns) => {
                 let what = match ns {
@@ -1793,6 +1882,7 @@ impl<'a> Importer<'a> {
         };
         self.stats.roster_items += u.roster.len() as u64;
         self.stats.push_devices += u.push_devices.len() as u64;
+        self.stats.uploads += u.uploads.len() as u64;
         if account.is_some() {
             self.stats.accounts += 1;
         }
@@ -1830,6 +1920,9 @@ impl<'a> Importer<'a> {
         }
         for d in &u.push_devices {
             r.put_push_device(d).await?;
+        }
+        for f in &u.uploads {
+            r.put_upload(f).await?;
         }
         if let Some(a) = account {
             match r.put_account(jid, a).await {
@@ -1949,6 +2042,12 @@ pub async fn import(ctx: &Context<'_>, path: &str) -> anyhow::Result<Vec<String>
             s.push_devices
         ));
     }
+    if s.uploads > 0 {
+        lines.push(format!(
+            "{} uploaded files (metadata only: their files must be copied into <data_dir>/uploads)",
+            s.uploads
+        ));
+    }
     if s.users > s.accounts {
         lines.push(format!(
             "note: {} JIDs without an account row were restored as they were (their rows only)",
@@ -1987,6 +2086,7 @@ mod tests {
             offline: s.offline.clone(),
             push: s.push.clone(),
             appserver: s.appserver.clone(),
+            uploads: s.uploads.clone(),
             restore: s.clone(),
             last: s.clone(),
             durable: Arc::new(GroupCommit::start(s.db.clone(), std::time::Duration::ZERO)),
@@ -2206,6 +2306,25 @@ mod tests {
                 .await
                 .unwrap();
         }
+        // Two stored uploads (an open slot is not exported).
+        for (id, name, size) in [
+            ("AAAAAAAAAAAAAAAAAAAAAAAA", "très cool.jpg", 23456u64),
+            ("BBBBBBBBBBBBBBBBBBBBBBBB", "notes.txt", 0),
+        ] {
+            let slot = crate::store::upload::Upload {
+                id: id.into(),
+                owner: "alice@x".into(),
+                filename: name.into(),
+                size,
+                content_type: "image/jpeg".into(),
+                created: 1_700_000_000,
+                expires: 1_700_000_300,
+                state: crate::store::upload::UploadState::Pending,
+            };
+            s.uploads.reserve(&slot, 0).await.unwrap();
+            s.uploads.claim(id).await.unwrap().unwrap();
+            assert!(s.uploads.complete(id, 1_700_000_100, 0).await.unwrap());
+        }
         s.last
             .set(
                 &j("ghost@y"),
@@ -2243,6 +2362,9 @@ mod tests {
         assert!(text.contains("<push-devices xmlns='urn:halyard:pie:0'>"));
         assert!(text.contains("provider='apns' token='iphone-token'"));
         assert_eq!(stats.push_devices, 2);
+        assert!(text.contains("<uploads xmlns='urn:halyard:pie:0'>"));
+        assert!(text.contains("<file id='AAAAAAAAAAAAAAAAAAAAAAAA' filename='très cool.jpg' size='23456' content-type='image/jpeg' created='1700000100' expires='0'/>"));
+        assert_eq!(stats.uploads, 2);
 
         let s2 = Arc::new(SledStore::open(d2.path(), 1 << 24).unwrap());
         let st2 = stores_of(s2.clone());

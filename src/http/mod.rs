@@ -3,6 +3,8 @@
 //! web client as they come). Each service lives in its own module and contributes a
 //! `routes() -> Router<HttpState>`.
 
+pub mod upload;
+
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -14,9 +16,9 @@ use tokio::task::JoinSet;
 
 use crate::server::Server;
 
-pub mod webclient;
 pub mod bosh;
 pub mod discovery;
+pub mod webclient;
 
 /// What every HTTP handler gets.
 #[derive(Clone)]
@@ -33,6 +35,7 @@ fn router(server: Arc<Server>, secure: bool) -> Router {
         .merge(webclient::routes(&server))
         .merge(crate::http::bosh::routes())
         .merge(crate::http::discovery::routes())
+        .merge(crate::http::upload::routes())
         .with_state(HttpState { server, secure })
 }
 

@@ -12,6 +12,7 @@ pub mod push;
 pub mod restore;
 pub mod sled;
 pub mod trees;
+pub mod upload;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -92,6 +93,8 @@ pub struct Stores {
     pub push: Arc<dyn PushStore>,
     /// Devices registered with the XEP-0357 app server.
     pub appserver: Arc<dyn appserver::RegistrationStore>,
+    /// XEP-0363 upload slots and files.
+    pub uploads: Arc<dyn upload::UploadStore>,
     /// Exact reads and writes for export and import (`halyard export|import`).
     pub restore: Arc<dyn restore::Restore>,
     /// Group commit: waits until every earlier write is on disk.
@@ -119,6 +122,7 @@ impl Stores {
             offline: s.offline.clone(),
             push: s.push.clone(),
             appserver: s.appserver.clone(),
+            uploads: s.uploads.clone(),
             restore: s.clone(),
             last: s,
             durable: Arc::new(group_commit::GroupCommit::start(db, group_commit)),

@@ -83,6 +83,9 @@ pub trait Restore: Send + Sync {
     /// Fails if its node is already registered.
     async fn put_push_device(&self, reg: &crate::store::appserver::Registration)
         -> StoreResult<()>;
+    /// Stores an upload's metadata row as given (the file is not part of an export). Fails if
+    /// its id exists.
+    async fn put_upload(&self, upload: &crate::store::upload::Upload) -> StoreResult<()>;
     /// A fresh archive sequence number, for imported messages that carry none.
     async fn new_seq(&self) -> StoreResult<u64>;
     /// Makes sure archive sequence numbers allocated from now on are above `max_seq`, so that
@@ -180,6 +183,7 @@ impl Restore for SledStore {
             &self.push.regs,
             &self.push.queue,
             &self.appserver.devices,
+            &self.uploads.rows,
         ] {
             prefixed_owners(t, &mut raw)?;
         }
@@ -256,6 +260,7 @@ impl Restore for SledStore {
             &self.push.regs,
             &self.push.queue,
             &self.appserver.devices,
+            &self.uploads.rows,
         ] {
             if has_prefix(t, &prefix)? {
                 return Ok(true);
@@ -399,6 +404,10 @@ impl Restore for SledStore {
         self.appserver.put_exact(reg)
     }
 
+    async fn put_upload(&self, upload: &crate::store::upload::Upload) -> StoreResult<()> {
+        self.uploads.put_exact(upload)
+    }
+
     async fn new_seq(&self) -> StoreResult<u64> {
         self.db
             .generate_id()
@@ -445,6 +454,7 @@ impl Restore for SledStore {
         self.archive.remove_owner(owner)?;
         self.push.remove_owner(owner)?;
         self.appserver.remove_owner(owner)?;
+        self.uploads.remove_owner(owner, false)?;
         if with_account {
             self.accounts
                 .remove(owner.as_str())

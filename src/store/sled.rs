@@ -21,6 +21,7 @@ pub struct SledStore {
     pub offline: std::sync::Arc<super::offline::SledOffline>,
     pub push: std::sync::Arc<super::push::SledPush>,
     pub appserver: std::sync::Arc<super::appserver::SledRegistrations>,
+    pub uploads: std::sync::Arc<super::upload::SledUploads>,
     pub(crate) accounts: sled::Tree,
     pub(crate) roster: sled::Tree,
     pub(crate) roster_version: sled::Tree,
@@ -61,6 +62,10 @@ impl SledStore {
             offline: std::sync::Arc::new(super::offline::SledOffline::open(&db)?),
             push: std::sync::Arc::new(super::push::SledPush::open(&db)?),
             appserver: std::sync::Arc::new(super::appserver::SledRegistrations::open(&db)?),
+            uploads: std::sync::Arc::new(super::upload::SledUploads::open(
+                &db,
+                &dir.join("uploads"),
+            )?),
             accounts: open(trees::ACCOUNTS)?,
             roster: open(trees::ROSTER)?,
             roster_version: open(trees::ROSTER_VERSION)?,
@@ -183,6 +188,7 @@ impl AccountStore for SledStore {
         self.archive.remove_owner(user)?;
         self.push.remove_owner(user)?;
         self.appserver.remove_owner(user)?;
+        self.uploads.remove_owner(user, true)?;
         self.flush_async("account removal").await?;
         Ok(())
     }

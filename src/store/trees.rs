@@ -24,6 +24,7 @@ pub const OWNED_BY_ACCOUNT: &[&str] = &[
     PUSH_REGISTRATIONS,
     PUSH_QUEUE,
     PUSH_DUE,
+    UPLOADS,
 ];
 
 /// `owner \0` — the prefix of an owner's rows in a prefixed tree.
@@ -70,3 +71,10 @@ pub const PUSH_DUE: &str = "push_due";
 pub const APPSERVER_DEVICES: &str = "appserver_devices";
 /// Push node → `owner \0 device_id`: the index publishes are looked up by.
 pub const APPSERVER_NODES: &str = "appserver_nodes";
+/// `owner \0 id` → JSON [`crate::store::upload::Upload`]: XEP-0363 slots and uploaded files
+/// (the files themselves are in `<data_dir>/uploads/<id>`).
+pub const UPLOADS: &str = "uploads";
+/// Upload id → owner bare JID: the index the HTTP routes look ids up by.
+pub const UPLOAD_IDS: &str = "upload_ids";
+/// `due_be ‖ id` → empty: uploads by the time they expire (slots and files that expire).
+pub const UPLOAD_DUE: &str = "upload_due";

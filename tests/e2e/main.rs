@@ -22,4 +22,5 @@ mod push;
 mod roster_presence;
 mod routing;
 mod services;
+mod upload;
 mod websocket;

@@ -225,7 +225,7 @@ async fn caps_are_offered_before_authentication_too() {
 }
 
 #[tokio::test]
-async fn disco_items_of_the_server_is_empty() {
+async fn disco_items_of_the_server_lists_only_the_upload_service() {
     let s = server_with(&["alice"]).await;
     let mut alice = RawClient::login(&s, "alice", PW, "phone").await;
     let r = get(
@@ -239,7 +239,9 @@ async fn disco_items_of_the_server_is_empty() {
     let q = r
         .get_child("query", NS_DISCO_ITEMS)
         .unwrap_or_else(|| panic!("disco#items query in {}", xml(&r)));
-    assert_eq!(q.children().count(), 0, "no items: {}", xml(&r));
+    // The upload component (on by default) is the server's only item.
+    let items: Vec<_> = q.children().filter_map(|i| i.attr("jid")).collect();
+    assert_eq!(items, vec!["upload.localhost"], "{}", xml(&r));
 }
 
 #[tokio::test]
