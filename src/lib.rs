@@ -2,16 +2,20 @@
 //!
 //! How the code is laid out (and the path a message takes through it):
 //!
-//! - [`listener`] accepts TCP (STARTTLS), Direct TLS and HTTP(S)/WebSocket connections; each
-//!   becomes a session task in [`c2s`], which negotiates TLS, SASL ([`sasl`]) and resource
-//!   binding over a [`c2s::Transport`] (framing in [`stream`]: our own reader with byte and depth
-//!   limits on top of rxml/minidom).
+//! - [`listener`] accepts TCP (STARTTLS) and Direct TLS connections, and [`http`] serves the
+//!   HTTP(S) listeners (WebSocket, BOSH, host-meta, uploads, the web client); each XMPP
+//!   connection becomes a session task in [`c2s`], which negotiates TLS, SASL ([`sasl`]) and
+//!   resource binding over a [`c2s::Transport`] (framing in [`stream`]: our own reader with byte
+//!   and depth limits on top of rxml/minidom). A bound session outlives its connection when the
+//!   client enabled XEP-0198 resumption ([`c2s::sm`]).
 //! - A bound session hands each stanza to the [`router`], which stamps `from`, classifies the
 //!   address (host, bare, full), answers for unknown accounts and domains, then runs the
 //!   handlers that modules registered. Modules live in the `halyard-xep` crate, one file per
 //!   XEP, and see the core only through its `Host` trait, which [`server::Server`] implements.
 //! - Delivery goes through the [`sessions`] table: every bound resource has a bounded queue;
 //!   a stanza is serialised once and its bytes shared by every queue it goes to.
+//! - Components own a domain of their own: the push app server ([`appserver`]) and file upload
+//!   ([`upload`]).
 //! - Persistence goes through store traits ([`store`]); sled is the embedded backend.
 //! - [`admin`] holds the commands behind `halyard user ...`, served on `<data_dir>/admin.sock`
 //!   by a running server.
