@@ -500,7 +500,7 @@ mod tests {
         }
         let mut b = b"prefix".to_vec();
         encode_body(&mut b, 5, 6, 20);
-        assert_eq!(&b, b"prefixt5s6xxxxxxxxxxxxxx");
+        assert_eq!(&b[..], &b"prefixt5s6xxxxxxxxxxxxxxxx"[..]);
         assert_eq!(decode_body(&b[6..]), Some((5, 6)));
     }
 

@@ -282,9 +282,8 @@ pub fn find_tag(el: &[u8], tag: &[u8]) -> Option<usize> {
     while let Some(off) = memmem::find(&el[from..], tag) {
         let at = from + off;
         if at > 0 && el[at - 1] == b'<' {
-            match el.get(at + tag.len()) {
-                Some(b'>' | b'/' | b' ' | b'\t' | b'\n' | b'\r') => return Some(at - 1),
-                _ => {}
+            if let Some(b'>' | b'/' | b' ' | b'\t' | b'\n' | b'\r') = el.get(at + tag.len()) {
+                return Some(at - 1);
             }
         }
         from = at + 1;
