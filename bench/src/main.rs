@@ -67,13 +67,14 @@ pub struct Common {
     /// XMPP domain of the accounts (the stream's `to`, the TLS server name).
     #[arg(long, default_value = "localhost")]
     domain: String,
-    /// Account localpart pattern; `{n}` is replaced by the account number.
+    /// Account localpart pattern: the account number replaces the placeholder n in braces (as in
+    /// the default).
     #[arg(long = "user", default_value = "u{n}")]
     user_pattern: String,
     /// Password of every account.
     #[arg(long, default_value = "pw")]
     password: String,
-    /// First account number used (accounts start..start+N).
+    /// First account number used (accounts first..first+N).
     #[arg(long, default_value_t = 0)]
     first: u64,
     /// Use STARTTLS (any certificate is accepted: benchmark only). Without it the stream stays

@@ -23,7 +23,8 @@ pub struct UsersArgs {
     /// Domain of the accounts (one the server serves).
     #[arg(long, default_value = "localhost")]
     domain: String,
-    /// Localpart pattern; `{n}` is replaced by the account number.
+    /// Localpart pattern: the account number replaces the placeholder n in braces (as in the
+    /// default).
     #[arg(long = "user", default_value = "u{n}")]
     user_pattern: String,
     /// Password of every account.
