@@ -24,6 +24,7 @@ pub const OWNED_BY_ACCOUNT: &[&str] = &[
     PUSH_REGISTRATIONS,
     PUSH_QUEUE,
     PUSH_DUE,
+    API_TOKEN_OWNERS,
 ];
 
 /// `owner \0` — the prefix of an owner's rows in a prefixed tree.
@@ -70,3 +71,8 @@ pub const PUSH_DUE: &str = "push_due";
 pub const APPSERVER_DEVICES: &str = "appserver_devices";
 /// Push node → `owner \0 device_id`: the index publishes are looked up by.
 pub const APPSERVER_NODES: &str = "appserver_nodes";
+/// SHA-256 of an HTTP API bearer token → JSON [`crate::store::tokens::TokenRecord`]. Not
+/// prefixed by owner: a user's rows are found through `api_token_owners`.
+pub const API_TOKENS: &str = "api_tokens";
+/// `owner \0 token_sha256` → empty: the user tokens an account holds (removed with it).
+pub const API_TOKEN_OWNERS: &str = "api_token_owners";
