@@ -14,6 +14,9 @@ use tokio::task::JoinSet;
 
 use crate::server::Server;
 
+pub mod api;
+pub mod metrics;
+
 /// What every HTTP handler gets.
 #[derive(Clone)]
 pub struct HttpState {
@@ -26,6 +29,8 @@ pub struct HttpState {
 fn router(server: Arc<Server>, secure: bool) -> Router {
     Router::new()
         .merge(crate::listener::websocket::routes())
+        .merge(crate::http::api::routes())
+        .merge(crate::http::metrics::routes())
         .with_state(HttpState { server, secure })
 }
 
