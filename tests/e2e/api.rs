@@ -917,6 +917,34 @@ async fn admin_manages_accounts_sessions_and_messages() {
         401
     );
 
+    // The same through the binary: `halyard admin token --ttl 2h` reaches the running server.
+    let cwd = tempfile::tempdir().unwrap();
+    // Off the runtime's thread: the server answering the CLI runs on it.
+    let run = |ttl: &'static str| {
+        let (dir, data) = (cwd.path().to_path_buf(), s.data_dir().to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_halyard"))
+                .current_dir(dir)
+                .arg("--data-dir")
+                .arg(data)
+                .args(["admin", "token", "--ttl", ttl])
+                .output()
+                .expect("run halyard")
+        })
+    };
+    let out = run("2h").await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let bin_token = stdout.lines().next().unwrap().trim().to_string();
+    assert!(bin_token.starts_with("hy_"), "{stdout}");
+    let r = call(s.http, "GET", "/api/v1/admin/users", Some(&bin_token), None).await;
+    assert_eq!(r.status, 200);
+    assert!(!run("soon").await.unwrap().status.success());
+
     let r = call(
         s.http,
         "DELETE",

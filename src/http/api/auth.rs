@@ -26,14 +26,18 @@ impl FromRequestParts<HttpState> for Enabled {
     type Rejection = ApiError;
 
     async fn from_request_parts(_: &mut Parts, st: &HttpState) -> Result<Self, ApiError> {
-        if st.server.config.api.enabled {
-            Ok(Enabled)
-        } else {
-            Err(ApiError::not_found(
-                "api_disabled",
-                "the HTTP API is turned off (api.enabled)",
-            ))
-        }
+        enabled(st).map(|()| Enabled)
+    }
+}
+
+fn enabled(st: &HttpState) -> Result<(), ApiError> {
+    if st.server.config.api.enabled {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(
+            "api_disabled",
+            "the HTTP API is turned off (api.enabled)",
+        ))
     }
 }
 
@@ -100,7 +104,7 @@ fn is_config_admin(configured: &[String], token: &str) -> bool {
 }
 
 async fn authenticate(parts: &Parts, st: &HttpState) -> Result<Principal, ApiError> {
-    Enabled::from_request_parts(&mut parts.clone(), st).await?;
+    enabled(st)?;
     check_transport(st, peer_ip(parts))?;
     let token = bearer(parts)?;
     if is_config_admin(&st.server.config.api.admin_tokens, token) {
