@@ -72,7 +72,6 @@ pub struct Metrics {
     pub archive_query_seconds: HistogramVec,
     /// Archive pages the HTTP API's history stream has read (a slow reader must hold it still).
     pub api_history_pages: IntCounter,
-    pub api_requests: IntCounterVec,
     sessions: IntGauge,
     uptime: IntGauge,
     storage_bytes: IntGauge,
@@ -183,16 +182,6 @@ impl Metrics {
                     "Archive pages read by the API's history stream.",
                 )?,
             )?,
-            api_requests: reg(
-                &registry,
-                IntCounterVec::new(
-                    opts(
-                        "halyard_api_responses_total",
-                        "HTTP API responses, by status class.",
-                    ),
-                    &["status"],
-                )?,
-            )?,
             sessions: reg(
                 &registry,
                 IntGauge::new("halyard_sessions", "Bound resources on this node.")?,
@@ -214,11 +203,6 @@ impl Metrics {
             )?,
             registry,
         })
-    }
-
-    /// Times `f` into `h`.
-    pub fn observe(h: &Histogram, since: std::time::Instant) {
-        h.observe(since.elapsed().as_secs_f64());
     }
 }
 
