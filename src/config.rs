@@ -53,12 +53,62 @@ pub struct Config {
     /// The built-in XEP-0357 app server (`push.<domain>`), which delivers push notifications to
     /// phones through FCM, APNs or a webhook.
     pub appserver: AppServer,
+    /// The HTTP API under `/api/v1`.
+    pub api: Api,
+    /// `/metrics` (Prometheus).
+    pub metrics: Metrics,
     /// The browser chat client served at `/`.
     pub web: Web,
     /// XEP-0124/XEP-0206 BOSH at `/http-bind` on the HTTP(S) listeners.
     pub bosh: Bosh,
     /// XEP-0363 HTTP file upload (`upload.<domain>`).
     pub upload: Upload,
+}
+
+/// `[api]`: the HTTP API (`/api/v1`) on the HTTP and HTTPS listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Api {
+    /// Serve `/api/v1`.
+    pub enabled: bool,
+    /// Bearer tokens with admin rights, compared in constant time (at least 32 characters
+    /// each). Tokens issued by `halyard admin token` are admin tokens too.
+    pub admin_tokens: Vec<String>,
+    /// Seconds a user token (exchanged for a password) stays valid; a client may ask for less.
+    pub token_ttl_secs: u64,
+    /// Archive messages read per page by the history stream (memory per stream is about one
+    /// page, however large the archive).
+    pub history_page: usize,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Api {
+            enabled: true,
+            admin_tokens: Vec::new(),
+            token_ttl_secs: 86_400,
+            history_page: 500,
+        }
+    }
+}
+
+/// `[metrics]`: `/metrics` in the Prometheus text format.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Serve `/metrics`.
+    pub enabled: bool,
+    /// Peer addresses allowed to scrape; empty allows anyone.
+    pub allow: Vec<std::net::IpAddr>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            enabled: true,
+            allow: Vec::new(),
+        }
+    }
 }
 
 /// `[web]`: the browser client (Converse.js) at `/` of the HTTP(S) listeners.
@@ -560,6 +610,8 @@ impl Default for Config {
             csi: Default::default(),
             push: Default::default(),
             appserver: AppServer::default(),
+            api: Api::default(),
+            metrics: Metrics::default(),
             web: Web::default(),
             bosh: Bosh::default(),
             upload: Upload::default(),
@@ -749,6 +801,15 @@ impl Config {
         if self.auth.max_failures_per_connection == 0 {
             problems.push("auth.max_failures_per_connection must be at least 1".into());
         }
+        if self.api.token_ttl_secs == 0 {
+            problems.push("api.token_ttl_secs must be at least 1 (86400 is a day)".into());
+        }
+        if self.api.history_page == 0 || self.api.history_page > 10_000 {
+            problems.push("api.history_page must be between 1 and 10000".into());
+        }
+        if self.api.admin_tokens.iter().any(|t| t.len() < 32) {
+            problems.push("api.admin_tokens entries must be at least 32 characters: generate one with e.g. `head -c 32 /dev/urandom | base64`, or issue one with `halyard admin token`".into());
+        }
         let b = &self.bosh;
         if b.max_wait_secs == 0 || b.inactivity_secs == 0 || b.max_hold == 0 || b.max_sessions == 0
         {
@@ -821,6 +882,22 @@ mod tests {
             PathBuf::from("/etc/halyard/ca.pem")
         );
         assert_eq!(c.appserver.fcm.service_account_file, PathBuf::new());
+    }
+
+    #[test]
+    fn api_settings_are_checked() {
+        let mut c = Config::parse(
+            "[api]\nadmin_tokens = [\"short\"]\ntoken_ttl_secs = 0\nhistory_page = 0\n[metrics]\nallow = [\"127.0.0.1\"]",
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        for needle in ["admin_tokens", "token_ttl_secs", "history_page"] {
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        assert_eq!(
+            c.metrics.allow,
+            vec![std::net::IpAddr::from([127, 0, 0, 1])]
+        );
     }
 
     #[test]

@@ -46,6 +46,9 @@ enum Cmd {
     /// Inspect and prune message archives (XEP-0313).
     #[command(subcommand)]
     Archive(ArchiveCmd),
+    /// Administration of the HTTP API.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// Validate the configuration and say how to fix what is wrong.
     CheckConfig,
     /// Write every account and everything it owns to a XEP-0227 file, through a running
@@ -92,6 +95,17 @@ enum ArchiveCmd {
         /// Age beyond which messages go, e.g. 30d, 12w, 720h.
         #[arg(long, value_name = "DURATION")]
         older_than: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Issue an admin token for the HTTP API (/api/v1/admin/...), printed once; only its hash
+    /// is stored.
+    Token {
+        /// How long it stays valid, e.g. 30d, 12h.
+        #[arg(long, default_value = "30d", value_name = "DURATION")]
+        ttl: String,
     },
 }
 
@@ -225,6 +239,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::User(u) => admin(&rt, &cli.global, user_request(u)?),
         Cmd::Archive(a) => admin(&rt, &cli.global, archive_request(a)?),
+        Cmd::Admin(AdminCmd::Token { ttl }) => admin(&rt, &cli.global, Request::AdminToken { ttl }),
         Cmd::Export { file } => portable(&rt, &cli.global, true, &file),
         Cmd::Import { file } => portable(&rt, &cli.global, false, &file),
     }

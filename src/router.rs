@@ -19,6 +19,8 @@ use crate::stream::writer;
 /// a spoofed `from` is never routed.
 pub async fn from_client(server: &Server, sender: &FullJid, mut el: Element) {
     let Some(kind) = Kind::of(&el) else { return };
+    server.metrics.stanzas_in.inc(kind);
+    let _timer = server.metrics.routing_seconds.start_timer();
     el.attrs_mut()
         .remove(&minidom::rxml::Namespace::NONE, "from");
     el.set_attr(
@@ -219,6 +221,14 @@ async fn route_iq(server: &Server, st: Stanza, target: Target, owner: Option<Bar
                 bounce(server, &st, StanzaError::ServiceUnavailable(None));
                 return;
             };
+            // Archive query latency, measured here rather than inside the MAM module.
+            let _mam_timer = (ns == halyard_xep::mam::NS).then(|| {
+                server
+                    .metrics
+                    .archive_query_seconds
+                    .with_label_values(&["mam"])
+                    .start_timer()
+            });
             match handler.handle(server, &st).await {
                 IqReply::Result(payload) => reply(server, &st, &st.iq_result(payload)),
                 IqReply::Error(e) => bounce(server, &st, e),

@@ -51,6 +51,8 @@ pub struct Server {
     pub appserver: Option<Arc<crate::appserver::AppServer>>,
     /// The XEP-0363 upload component, when `[upload]` enables it (also in the registry).
     pub upload: Option<Arc<crate::upload::UploadService>>,
+    /// Prometheus metrics (`/metrics`).
+    pub metrics: crate::http::metrics::Metrics,
 }
 
 /// An iq the server sent and whose result or error it awaits.
@@ -95,6 +97,10 @@ impl Server {
             None
         };
         let caps = halyard_xep::caps::element(&registry);
+        let metrics = crate::http::metrics::Metrics::new()
+            .map_err(|e| anyhow::anyhow!("setting up metrics: {e}"))?;
+        let sessions = Sessions::new();
+        sessions.count_outbound(metrics.stanzas_out.clone());
         let mut secret = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut secret);
         let auth_throttle = AuthThrottle::new(
@@ -109,7 +115,7 @@ impl Server {
         Ok(Server {
             config,
             registry,
-            sessions: Sessions::new(),
+            sessions,
             stores,
             tls,
             started: SystemTime::now(),
@@ -125,6 +131,7 @@ impl Server {
             public_url: std::sync::OnceLock::new(),
             appserver,
             upload,
+            metrics,
         })
     }
 
@@ -321,6 +328,18 @@ impl AuthThrottle {
         let ms = 100u64.saturating_mul(1u64 << over.min(20));
         Duration::from_millis(ms).min(self.max_delay)
     }
+
+    /// How long `ip` must wait before it may try again, when it has used up this minute's
+    /// failures (the HTTP API answers 429 with this as Retry-After instead of delaying).
+    pub fn retry_after(&self, ip: IpAddr) -> Option<Duration> {
+        let map = match self.failures.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let (since, n) = map.get(&ip)?;
+        let left = Duration::from_secs(60).checked_sub(since.elapsed())?;
+        (*n >= self.per_minute && !left.is_zero()).then_some(left)
+    }
 }
 
 /// Resolves when the node's shutdown signal is set (or its sender is gone).
@@ -345,6 +364,9 @@ mod tests {
             assert!(t.failure(ip) <= Duration::from_millis(2000));
         }
         let other: IpAddr = "10.0.0.2".parse().unwrap();
+        assert!(t.retry_after(ip).is_some());
+        assert_eq!(t.retry_after(other), None);
         assert_eq!(t.failure(other), Duration::ZERO);
+        assert_eq!(t.retry_after(other), None, "under the limit");
     }
 }

@@ -49,6 +49,8 @@ struct Entry {
 pub struct Sessions {
     map: DashMap<BareJid, Vec<Entry>>,
     count: AtomicU64,
+    /// Stanzas queued, by kind (`/metrics`); set once by the server.
+    outbound: std::sync::OnceLock<crate::http::metrics::ByKind>,
 }
 
 /// A session displaced by a new binding of the same full JID.
@@ -70,6 +72,11 @@ pub enum Queued {
 impl Sessions {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Counts every stanza queued from now on into `counter`.
+    pub fn count_outbound(&self, counter: crate::http::metrics::ByKind) {
+        let _ = self.outbound.set(counter);
     }
 
     /// Number of bound resources on this node.
@@ -266,8 +273,15 @@ impl Sessions {
         let Some(tx) = self.with(full, |e| e.tx.clone()) else {
             return Queued::NoSuchResource;
         };
+        // Bytes clone by reference count: kept to count the stanza once it is queued.
+        let counted = self.outbound.get().map(|c| (c, data.clone()));
         match tx.try_send(Outbound::Data(data)) {
-            Ok(()) => Queued::Yes,
+            Ok(()) => {
+                if let Some((c, data)) = counted {
+                    c.inc_serialised(&data);
+                }
+                Queued::Yes
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => Queued::NoSuchResource,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(jid = %full, "outbound queue full: disconnecting slow reader");
@@ -280,6 +294,17 @@ impl Sessions {
                 );
                 Queued::Overloaded
             }
+        }
+    }
+
+    /// Tells the session bound to `full` to close with `err`; false when there is none.
+    pub fn close(&self, full: &FullJid, err: StreamError) -> bool {
+        match self.with(full, |e| e.tx.clone()) {
+            Some(tx) => {
+                close(&tx, err);
+                true
+            }
+            None => false,
         }
     }
 

@@ -8,6 +8,7 @@
 pub mod archive;
 pub mod portability;
 pub mod socket;
+pub mod token;
 pub mod user;
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,10 @@ pub enum Request {
     /// Loads a XEP-0227 file at this absolute path into the store.
     Import {
         path: String,
+    },
+    /// Issues an admin token for the HTTP API, valid for `ttl` (e.g. "30d").
+    AdminToken {
+        ttl: String,
     },
 }
 
@@ -89,6 +94,7 @@ pub async fn execute(ctx: &Context<'_>, req: Request) -> Response {
         }
         Request::Export { path } => portability::export(ctx, &path).await,
         Request::Import { path } => portability::import(ctx, &path).await,
+        Request::AdminToken { ttl } => token::issue_admin(ctx, &ttl).await,
     };
     match r {
         Ok(lines) => Response::ok(lines),

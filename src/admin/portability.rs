@@ -2091,6 +2091,8 @@ mod tests {
             last: s.clone(),
             durable: Arc::new(GroupCommit::start(s.db.clone(), std::time::Duration::ZERO)),
             flush: Arc::new(move || f.flush()),
+            tokens: s.tokens.clone(),
+            stats: s.clone(),
         }
     }
 

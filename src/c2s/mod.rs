@@ -43,7 +43,7 @@ pub async fn run<T: Transport + 'static>(server: Arc<Server>, t: T) {
         transport = t.transport_name(),
         jid = tracing::field::Empty
     );
-    let guard = ConnGuard::new(server.clone());
+    let guard = ConnGuard::new(server.clone(), t.transport_name());
     let session = Session {
         server,
         t,
@@ -63,19 +63,27 @@ pub async fn run<T: Transport + 'static>(server: Arc<Server>, t: T) {
     }
 }
 
-/// Counts a live connection for shutdown, whichever task owns it.
-struct ConnGuard(Arc<Server>);
+/// Counts a live connection for shutdown and metrics, whichever task owns it.
+struct ConnGuard(Arc<Server>, &'static str);
 
 impl ConnGuard {
-    fn new(server: Arc<Server>) -> Self {
+    fn new(server: Arc<Server>, transport: &'static str) -> Self {
         server.connections.fetch_add(1, Ordering::Relaxed);
-        ConnGuard(server)
+        let m = &server.metrics;
+        m.connections.with_label_values(&[transport]).inc();
+        m.connections_total.with_label_values(&[transport]).inc();
+        ConnGuard(server, transport)
     }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .metrics
+            .connections
+            .with_label_values(&[self.1])
+            .dec();
     }
 }
 
@@ -456,8 +464,16 @@ impl<T: Transport> Session<T> {
             self.auth_scram(mech, initial, domain).await?
         };
         match result {
-            Ok(jid) => Ok(Some(jid)),
+            Ok(jid) => {
+                self.server.metrics.logins.with_label_values(&["c2s"]).inc();
+                Ok(Some(jid))
+            }
             Err((cond, text)) => {
+                self.server
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&["c2s"])
+                    .inc();
                 let delay = self.server.auth_throttle.failure(self.t.peer().ip());
                 tracing::info!(condition = cond, "authentication failed");
                 if !delay.is_zero() {

@@ -16,8 +16,10 @@ use tokio::task::JoinSet;
 
 use crate::server::Server;
 
+pub mod api;
 pub mod bosh;
 pub mod discovery;
+pub mod metrics;
 pub mod webclient;
 
 /// What every HTTP handler gets.
@@ -36,6 +38,8 @@ fn router(server: Arc<Server>, secure: bool) -> Router {
         .merge(crate::http::bosh::routes())
         .merge(crate::http::discovery::routes())
         .merge(crate::http::upload::routes())
+        .merge(crate::http::api::routes())
+        .merge(crate::http::metrics::routes())
         .with_state(HttpState { server, secure })
 }
 

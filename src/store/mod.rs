@@ -11,6 +11,7 @@ pub mod offline;
 pub mod push;
 pub mod restore;
 pub mod sled;
+pub mod tokens;
 pub mod trees;
 pub mod upload;
 
@@ -101,6 +102,18 @@ pub struct Stores {
     pub durable: Arc<group_commit::GroupCommit>,
     /// Makes every acknowledged write durable (called at shutdown).
     pub flush: Arc<dyn Fn() -> StoreResult<()> + Send + Sync>,
+    /// Bearer tokens of the HTTP API.
+    pub tokens: Arc<dyn tokens::TokenStore>,
+    /// Figures for `/metrics` and the admin API.
+    pub stats: Arc<dyn StoreStats>,
+}
+
+/// Figures about the store as a whole.
+pub trait StoreStats: Send + Sync {
+    /// Bytes the store takes on disk.
+    fn size_on_disk(&self) -> StoreResult<u64>;
+    /// Push notifications (XEP-0357) scheduled and not yet sent.
+    fn push_queue_depth(&self) -> StoreResult<u64>;
 }
 
 impl Stores {
@@ -124,6 +137,8 @@ impl Stores {
             appserver: s.appserver.clone(),
             uploads: s.uploads.clone(),
             restore: s.clone(),
+            tokens: s.tokens.clone(),
+            stats: s.clone(),
             last: s,
             durable: Arc::new(group_commit::GroupCommit::start(db, group_commit)),
             flush: Arc::new(move || f.flush()),

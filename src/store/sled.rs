@@ -22,6 +22,7 @@ pub struct SledStore {
     pub push: std::sync::Arc<super::push::SledPush>,
     pub appserver: std::sync::Arc<super::appserver::SledRegistrations>,
     pub uploads: std::sync::Arc<super::upload::SledUploads>,
+    pub tokens: std::sync::Arc<super::tokens::SledTokens>,
     pub(crate) accounts: sled::Tree,
     pub(crate) roster: sled::Tree,
     pub(crate) roster_version: sled::Tree,
@@ -66,6 +67,7 @@ impl SledStore {
                 &db,
                 &dir.join("uploads"),
             )?),
+            tokens: std::sync::Arc::new(super::tokens::SledTokens::open(&db)?),
             accounts: open(trees::ACCOUNTS)?,
             roster: open(trees::ROSTER)?,
             roster_version: open(trees::ROSTER_VERSION)?,
@@ -117,6 +119,20 @@ impl SledStore {
         })?;
         self.flush_async("roster change").await?;
         Ok(ver)
+    }
+}
+
+impl super::StoreStats for SledStore {
+    fn size_on_disk(&self) -> StoreResult<u64> {
+        self.db
+            .size_on_disk()
+            .map_err(err("reading the store's size"))
+    }
+
+    fn push_queue_depth(&self) -> StoreResult<u64> {
+        // sled counts by iterating; the due index holds one row per pending notification
+        // batch, which stays small (bounded by registrations).
+        Ok(self.push.due.len() as u64)
     }
 }
 
@@ -189,6 +205,7 @@ impl AccountStore for SledStore {
         self.push.remove_owner(user)?;
         self.appserver.remove_owner(user)?;
         self.uploads.remove_owner(user, true)?;
+        self.tokens.remove_owner(user)?;
         self.flush_async("account removal").await?;
         Ok(())
     }

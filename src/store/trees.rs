@@ -25,6 +25,7 @@ pub const OWNED_BY_ACCOUNT: &[&str] = &[
     PUSH_QUEUE,
     PUSH_DUE,
     UPLOADS,
+    API_TOKEN_OWNERS,
 ];
 
 /// `owner \0` — the prefix of an owner's rows in a prefixed tree.
@@ -78,3 +79,8 @@ pub const UPLOADS: &str = "uploads";
 pub const UPLOAD_IDS: &str = "upload_ids";
 /// `due_be ‖ id` → empty: uploads by the time they expire (slots and files that expire).
 pub const UPLOAD_DUE: &str = "upload_due";
+/// SHA-256 of an HTTP API bearer token → JSON [`crate::store::tokens::TokenRecord`]. Not
+/// prefixed by owner: a user's rows are found through `api_token_owners`.
+pub const API_TOKENS: &str = "api_tokens";
+/// `owner \0 token_sha256` → empty: the user tokens an account holds (removed with it).
+pub const API_TOKEN_OWNERS: &str = "api_token_owners";

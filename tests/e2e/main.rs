@@ -7,6 +7,7 @@ mod client;
 mod common;
 
 mod abuse;
+mod api;
 mod appserver;
 mod auth;
 mod bosh;
