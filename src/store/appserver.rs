@@ -190,8 +190,7 @@ impl SledRegistrations {
     }
 
     async fn flush(&self, what: &str) -> StoreResult<()> {
-        self.devices
-            .flush_async()
+        super::flush_tree(&self.devices)
             .await
             .map(|_| ())
             .map_err(err(&format!("flushing after {what}")))

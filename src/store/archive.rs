@@ -605,8 +605,7 @@ impl ArchiveStore for SledArchive {
         self.prefs
             .insert(owner.as_str(), v)
             .map_err(err("writing archive preferences"))?;
-        self.db
-            .flush_async()
+        super::flush_tree(&self.db)
             .await
             .map_err(err("flushing archive preferences"))?;
         Ok(())

@@ -27,8 +27,7 @@ impl GroupCommit {
                 while let Ok(w) = rx.try_recv() {
                     waiters.push(w);
                 }
-                let r = db
-                    .flush_async()
+                let r = super::flush_tree(&db)
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string());

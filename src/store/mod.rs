@@ -145,3 +145,16 @@ impl Stores {
         })
     }
 }
+
+/// Writes sled's log to disk, on a blocking thread. Never `flush_async`: concurrent
+/// `flush_async` calls deadlock in sled 0.34 (spacejam/sled#1308, #1241) — seen here when many
+/// accounts were created at once, which would also stall the group commit and every ack.
+pub(crate) async fn flush_tree(tree: &::sled::Tree) -> ::sled::Result<usize> {
+    let tree = tree.clone();
+    match tokio::task::spawn_blocking(move || tree.flush()).await {
+        Ok(r) => r,
+        Err(e) => Err(::sled::Error::ReportableBug(format!(
+            "the flush task failed: {e}"
+        ))),
+    }
+}

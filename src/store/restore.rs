@@ -464,8 +464,7 @@ impl Restore for SledStore {
     }
 
     async fn flush(&self) -> StoreResult<()> {
-        self.db
-            .flush_async()
+        super::flush_tree(&self.db)
             .await
             .map(|_| ())
             .map_err(err("flushing the store"))

@@ -84,8 +84,7 @@ impl SledStore {
     }
 
     async fn flush_async(&self, what: &str) -> StoreResult<()> {
-        self.db
-            .flush_async()
+        super::flush_tree(&self.db)
             .await
             .map(|_| ())
             .map_err(err(&format!("flushing after {what}")))
@@ -301,6 +300,37 @@ mod tests {
 
     fn jid(s: &str) -> BareJid {
         BareJid::new(s).unwrap()
+    }
+
+    /// Many writers that each wait for their flush at once (account creations from the API or
+    /// the bench tool, roster changes from many sessions): sled 0.34's `flush_async` deadlocks
+    /// under this (spacejam/sled#1308); `flush_tree` must not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_flushing_writers_all_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(SledStore::open(dir.path(), 64 << 20).unwrap());
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..400 {
+            let s = s.clone();
+            tasks.spawn(async move {
+                let a = Account {
+                    scram: Default::default(),
+                    created: i,
+                };
+                s.create(&jid(&format!("u{i}@x")), &a).await
+            });
+        }
+        let all = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap().unwrap();
+            }
+        })
+        .await;
+        assert!(
+            all.is_ok(),
+            "concurrent creations with flushes did not finish"
+        );
+        assert_eq!(s.list().await.unwrap().len(), 400);
     }
 
     #[tokio::test]

@@ -124,8 +124,7 @@ impl SledTokens {
     }
 
     async fn flush(&self, what: &str) -> StoreResult<()> {
-        self.tokens
-            .flush_async()
+        super::flush_tree(&self.tokens)
             .await
             .map(|_| ())
             .map_err(err(what))

@@ -353,8 +353,7 @@ impl UploadStore for SledUploads {
                 Ok(true)
             })
             .map_err(tx_fail("completing an upload"))?;
-        self.rows
-            .flush_async()
+        super::flush_tree(&self.rows)
             .await
             .map_err(err("flushing after an upload"))?;
         Ok(done)
