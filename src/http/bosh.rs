@@ -69,18 +69,7 @@ static SESSIONS: LazyLock<DashMap<String, Arc<Shared>>> = LazyLock::new(DashMap:
 static RECORD_IDS: AtomicU64 = AtomicU64::new(1);
 
 fn cors(h: &mut HeaderMap) {
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, OPTIONS"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Content-Type"),
-    );
+    crate::http::cors(h, "POST, OPTIONS");
     h.insert(
         header::ACCESS_CONTROL_MAX_AGE,
         HeaderValue::from_static("86400"),

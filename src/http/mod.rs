@@ -59,6 +59,24 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsL
     }
 }
 
+/// CORS headers for services a web client on another origin uses (BOSH, uploads): any origin,
+/// the given methods, `Content-Type` as a request header.
+pub fn cors(h: &mut axum::http::HeaderMap, methods: &'static str) {
+    use axum::http::{header, HeaderValue};
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static(methods),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Content-Type"),
+    );
+}
+
 /// Loopback and configured reverse proxies may authenticate over plain HTTP: they terminate TLS
 /// in front of us.
 pub fn is_trusted(server: &Server, ip: IpAddr) -> bool {
