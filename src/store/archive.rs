@@ -26,6 +26,7 @@ use halyard_xep::host::{
 };
 use jid::{BareJid, Jid};
 use rand::RngCore;
+use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use super::trees;
@@ -34,6 +35,35 @@ use super::{err, u64_at};
 /// Appends to one owner's archive run one at a time (their running values and key order depend
 /// on the previous row); owners are spread over this many locks.
 const STRIPES: usize = 64;
+/// Owners whose archive tail a stripe remembers (64k in all), and conversations per owner; past
+/// either, the stripe (or the owner's conversations) starts over, reading tails from the store.
+const TAILS_PER_STRIPE: usize = 1024;
+const CONVERSATIONS_PER_TAIL: usize = 64;
+
+/// What the next row of an owner's archive needs from the previous ones. Reading it from the
+/// store takes a reverse scan per tree (sled's `next_back` walks from the root and was a fifth
+/// of the server's CPU at chat saturation), so the owner's lock keeps it once read.
+struct Tail {
+    /// The next row's ordinal, the bytes stored so far, and the last row's key.
+    ord: u64,
+    cum: u64,
+    last_key: Option<ArchiveKey>,
+    /// The next index row's ordinal per conversation.
+    with: HashMap<Box<str>, u64>,
+}
+
+/// One lock's worth of owners: serialises their appends and remembers their tails.
+#[derive(Default)]
+pub(crate) struct Stripe {
+    tails: HashMap<Box<str>, Tail>,
+}
+
+impl Stripe {
+    /// Forgets what was remembered of `owner`'s archive (after writes other than appends).
+    pub(crate) fn forget(&mut self, owner: &BareJid) {
+        self.tails.remove(owner.as_str());
+    }
+}
 
 pub struct SledArchive {
     pub(crate) db: sled::Db,
@@ -41,7 +71,7 @@ pub struct SledArchive {
     pub(crate) by_with: sled::Tree,
     pub(crate) ids: sled::Tree,
     pub(crate) prefs: sled::Tree,
-    stripes: Vec<Mutex<()>>,
+    stripes: Vec<Mutex<Stripe>>,
 }
 
 pub(crate) fn key_bytes(k: ArchiveKey) -> [u8; 16] {
@@ -249,12 +279,14 @@ impl SledArchive {
             by_with: db.open_tree(trees::ARCHIVE_WITH)?,
             ids: db.open_tree(trees::ARCHIVE_IDS)?,
             prefs: db.open_tree(trees::ARCHIVE_PREFS)?,
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            stripes: (0..STRIPES)
+                .map(|_| Mutex::new(Stripe::default()))
+                .collect(),
         })
     }
 
     /// Serialises the writers of one owner's archive.
-    pub(crate) fn lock(&self, owner: &BareJid) -> MutexGuard<'_, ()> {
+    pub(crate) fn lock(&self, owner: &BareJid) -> MutexGuard<'_, Stripe> {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         owner.as_str().hash(&mut h);
@@ -281,34 +313,63 @@ impl SledArchive {
     /// smallest key it may have (appends never go back in time). Call with the owner's lock.
     pub(crate) fn next_running(
         &self,
+        stripe: &mut Stripe,
         owner: &BareJid,
         with: &str,
     ) -> StoreResult<(Running, Option<ArchiveKey>)> {
-        let prefix = trees::owner_prefix(owner.as_str());
-        let (ord, prev_cum, last_key) = match Self::last(&self.messages, &prefix)? {
-            Some((k, v)) => (
-                ord_of(&v) + 1,
-                u64_at(&v, 8),
-                Some(key_from(&k[prefix.len()..])),
-            ),
-            None => (0, 0, None),
+        if !stripe.tails.contains_key(owner.as_str()) {
+            let prefix = trees::owner_prefix(owner.as_str());
+            let tail = match Self::last(&self.messages, &prefix)? {
+                Some((k, v)) => Tail {
+                    ord: ord_of(&v) + 1,
+                    cum: u64_at(&v, 8),
+                    last_key: Some(key_from(&k[prefix.len()..])),
+                    with: HashMap::new(),
+                },
+                None => Tail {
+                    ord: 0,
+                    cum: 0,
+                    last_key: None,
+                    with: HashMap::new(),
+                },
+            };
+            if stripe.tails.len() >= TAILS_PER_STRIPE {
+                stripe.tails.clear();
+            }
+            stripe.tails.insert(owner.as_str().into(), tail);
+        }
+        let Some(tail) = stripe.tails.get_mut(owner.as_str()) else {
+            return Err(StoreError {
+                context: "reading the end of the archive".into(),
+                source: "the archive tail just read is missing".into(),
+            });
         };
-        let with_ord = match Self::last(&self.by_with, &with_prefix(owner, with))? {
-            Some((_, v)) => ord_of(&v) + 1,
-            None => 0,
+        let with_ord = match tail.with.get(with) {
+            Some(n) => *n,
+            None => {
+                let n = match Self::last(&self.by_with, &with_prefix(owner, with))? {
+                    Some((_, v)) => ord_of(&v) + 1,
+                    None => 0,
+                };
+                if tail.with.len() >= CONVERSATIONS_PER_TAIL {
+                    tail.with.clear();
+                }
+                tail.with.insert(with.into(), n);
+                n
+            }
         };
         Ok((
             Running {
-                ord,
+                ord: tail.ord,
                 with_ord,
-                prev_cum,
+                prev_cum: tail.cum,
             },
-            last_key,
+            tail.last_key,
         ))
     }
 
-    /// Writes one message's rows (index first, see the module comment). Call with the owner's
-    /// lock.
+    /// Writes one message's rows (index first, see the module comment) and returns the bytes
+    /// stored up to and including it. Call with the owner's lock.
     pub(crate) fn write_rows(
         &self,
         owner: &BareJid,
@@ -317,13 +378,14 @@ impl SledArchive {
         with: &str,
         stanza: &str,
         run: Running,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<u64> {
         let own = parse_own_id(id).filter(|(k, _)| *k == key);
         let row_id = match &own {
             Some((_, r)) => RowId::Own(*r),
             None => RowId::Foreign(id),
         };
         let value = encode(run.ord, run.prev_cum, &row_id, with, stanza);
+        let cum = u64_at(&value, 8);
         self.by_with
             .insert(
                 with_key(&with_prefix(owner, with), key),
@@ -338,7 +400,7 @@ impl SledArchive {
         self.messages
             .insert(with_key(&trees::owner_prefix(owner.as_str()), key), value)
             .map_err(err("writing an archived message"))?;
-        Ok(())
+        Ok(cum)
     }
 
     /// The running values stored with a message (for an exact export).
@@ -390,7 +452,8 @@ impl SledArchive {
     /// Removes everything `owner` has archived, and its preferences (account removal).
     pub fn remove_owner(&self, owner: &BareJid) -> StoreResult<()> {
         let prefix = trees::owner_prefix(owner.as_str());
-        let _guard = self.lock(owner);
+        let mut stripe = self.lock(owner);
+        stripe.forget(owner);
         for tree in [&self.by_with, &self.ids, &self.messages] {
             let mut batch = sled::Batch::default();
             for kv in tree.scan_prefix(&prefix) {
@@ -476,8 +539,8 @@ impl ArchiveStore for SledArchive {
                 source: "the other party's JID is longer than 65535 bytes".into(),
             });
         }
-        let _guard = self.lock(owner);
-        let (run, last_key) = self.next_running(owner, with.as_str())?;
+        let mut stripe = self.lock(owner);
+        let (run, last_key) = self.next_running(&mut stripe, owner, with.as_str())?;
         let seq = self
             .db
             .generate_id()
@@ -486,7 +549,21 @@ impl ArchiveStore for SledArchive {
         let ts_micros = last_key.map_or(ts_micros, |k| ts_micros.max(k.ts_micros));
         let key = ArchiveKey { ts_micros, seq };
         let id = own_id(key, &random_bytes());
-        self.write_rows(owner, key, &id, with.as_str(), stanza, run)?;
+        match self.write_rows(owner, key, &id, with.as_str(), stanza, run) {
+            Ok(cum) => {
+                if let Some(tail) = stripe.tails.get_mut(owner.as_str()) {
+                    tail.ord = run.ord + 1;
+                    tail.cum = cum;
+                    tail.last_key = Some(key);
+                    tail.with.insert(with.as_str().into(), run.with_ord + 1);
+                }
+            }
+            Err(e) => {
+                // Part of the rows may be written: read the tail from the store next time.
+                stripe.forget(owner);
+                return Err(e);
+            }
+        }
         Ok(id)
     }
 
@@ -796,12 +873,13 @@ mod tests {
             ts_micros: 900,
             seq: 10_000,
         };
-        let _g = a.lock(&me);
-        let (run, _) = a.next_running(&me, "b@x").unwrap();
+        let mut g = a.lock(&me);
+        let (run, _) = a.next_running(&mut g, &me, "b@x").unwrap();
         assert_eq!((run.ord, run.with_ord), (2, 2));
+        g.forget(&me);
         a.write_rows(&me, k3, "their-id-7", "b@x", "<m/>", run)
             .unwrap();
-        drop(_g);
+        drop(g);
         assert_eq!(a.locate(&me, "their-id-7").await.unwrap(), Some(k3));
         assert_eq!(a.count(&me, Some(&b)).await.unwrap(), 3);
         let (count, bytes) = a.size(&me).await.unwrap();

@@ -319,7 +319,7 @@ impl Restore for SledStore {
             return Err(fail(CTX, "the `with` JID is longer than 65535 bytes"));
         }
         let a = &self.archive;
-        let _guard = a.lock(owner);
+        let mut stripe = a.lock(owner);
         let taken = a.has_key(owner, key)? || a.find_id(owner, id)?.is_some();
         if taken {
             return Err(fail(
@@ -332,9 +332,11 @@ impl Restore for SledStore {
         }
         let run = match running {
             Some(r) => r,
-            None => a.next_running(owner, with)?.0,
+            None => a.next_running(&mut stripe, owner, with)?.0,
         };
-        a.write_rows(owner, key, id, with, stanza, run)
+        // A restored row may land anywhere in the archive: the remembered tail no longer holds.
+        stripe.forget(owner);
+        a.write_rows(owner, key, id, with, stanza, run).map(|_| ())
     }
 
     async fn archive_running(
