@@ -132,8 +132,8 @@ pub async fn dispatch(server: &Server, mut st: Stanza) {
     };
     if let Some(owner) = &owner {
         if *owner != sender_bare {
-            let exists = match server.stores.accounts.get(owner).await {
-                Ok(a) => a.is_some(),
+            let exists = match server.stores.accounts.exists(owner).await {
+                Ok(e) => e,
                 Err(e) => {
                     tracing::error!(error = %e, "account lookup failed while routing");
                     bounce(server, &st, StanzaError::InternalServerError(None));

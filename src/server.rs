@@ -248,7 +248,7 @@ impl Host for Server {
     }
 
     async fn account_exists(&self, user: &BareJid) -> StoreResult<bool> {
-        Ok(self.stores.accounts.get(user).await?.is_some())
+        self.stores.accounts.exists(user).await
     }
 
     fn roster(&self) -> &dyn RosterStore {

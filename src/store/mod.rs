@@ -75,6 +75,8 @@ pub trait AccountStore: Send + Sync {
     /// Creates an account; fails if it exists. Durable when it returns.
     async fn create(&self, user: &BareJid, account: &Account) -> Result<(), AccountError>;
     async fn get(&self, user: &BareJid) -> StoreResult<Option<Account>>;
+    /// Whether the account exists, without decoding it (asked for every routed stanza).
+    async fn exists(&self, user: &BareJid) -> StoreResult<bool>;
     /// Replaces the credentials of an existing account. Durable when it returns.
     async fn update(&self, user: &BareJid, account: &Account) -> Result<(), AccountError>;
     /// Removes the account and everything it owns. Durable when it returns.

@@ -150,6 +150,12 @@ impl AccountStore for SledStore {
         Ok(())
     }
 
+    async fn exists(&self, user: &BareJid) -> StoreResult<bool> {
+        self.accounts
+            .contains_key(user.as_str())
+            .map_err(err("reading account"))
+    }
+
     async fn get(&self, user: &BareJid) -> StoreResult<Option<Account>> {
         match self
             .accounts
