@@ -169,48 +169,63 @@ impl StanzaHook for Carbons {
             Some(to) => to.to_bare(),
             None => st.from.to_bare(),
         };
+        // Who gets copies is decided first: the stanza is cloned only for them (most messages
+        // have no carbon-enabled resource to copy to).
+        let sent_to: Vec<FullJid> = match &sender {
+            Some(sender) if sender.to_bare() != recipient => host
+                .resources(&sender.to_bare())
+                .into_iter()
+                .filter(|r| r.carbons && r.jid != *sender)
+                .map(|r| r.jid)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let local_recipient = recipient.node().is_some()
+            && host.is_local_domain(recipient.domain().as_str())
+            && !from_muc_occupant(&st.el);
+        let mut received_to: Vec<FullJid> = Vec::new();
+        if local_recipient {
+            let resources = host.resources(&recipient);
+            if resources.iter().any(|r| r.carbons) {
+                let targets = host.delivery_targets(st);
+                if !(targets.is_empty() && has_hint(&st.el, "no-store")) {
+                    received_to = resources
+                        .into_iter()
+                        .filter(|r| {
+                            r.carbons
+                                && !targets.contains(&r.jid)
+                                && sender.as_ref() != Some(&r.jid)
+                                && (!targets.is_empty() || r.is_available())
+                        })
+                        .map(|r| r.jid)
+                        .collect();
+                }
+            }
+        }
+        if sent_to.is_empty() && received_to.is_empty() {
+            return Flow::Pass;
+        }
         let mut original = st.el.clone();
         original.set_attr(Namespace::NONE, n("from"), st.from.to_string());
 
         if let Some(sender) = &sender {
             let user = sender.to_bare();
-            if user != recipient {
+            if !sent_to.is_empty() {
                 // The sender's copies must not reveal the recipient's archive id (XEP-0313
                 // §3.5: ids go only to those who can read that archive).
                 let mut sent = original.clone();
                 strip_stanza_ids_by(&mut sent, recipient.as_str());
-                for r in host.resources(&user) {
-                    if r.carbons && r.jid != *sender {
-                        host.deliver(&r.jid, &wrap("sent", &sent, &user, &r.jid));
-                    }
+                for to in &sent_to {
+                    host.deliver(to, &wrap("sent", &sent, &user, to));
                 }
             }
-        }
-
-        let local_recipient =
-            recipient.node().is_some() && host.is_local_domain(recipient.domain().as_str());
-        if !local_recipient || from_muc_occupant(&st.el) {
-            return Flow::Pass;
-        }
-        let targets = host.delivery_targets(st);
-        if targets.is_empty() && has_hint(&st.el, "no-store") {
-            return Flow::Pass;
-        }
-        // The recipient's copies carry the recipient's archive id, never the sender's.
-        let mut original = original;
-        if let Some(sender) = &sender {
-            if sender.to_bare() != recipient {
-                strip_stanza_ids_by(&mut original, sender.to_bare().as_str());
+            // The recipient's copies carry the recipient's archive id, never the sender's.
+            if user != recipient {
+                strip_stanza_ids_by(&mut original, user.as_str());
             }
         }
-        for r in host.resources(&recipient) {
-            let copy = r.carbons
-                && !targets.contains(&r.jid)
-                && sender.as_ref() != Some(&r.jid)
-                && (!targets.is_empty() || r.is_available());
-            if copy {
-                host.deliver(&r.jid, &wrap("received", &original, &recipient, &r.jid));
-            }
+        for to in &received_to {
+            host.deliver(to, &wrap("received", &original, &recipient, to));
         }
         Flow::Pass
     }
