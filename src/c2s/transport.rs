@@ -202,14 +202,22 @@ impl Transport for TcpTransport {
             }
             let n = match &mut self.io {
                 Io::Plain(tcp) => {
-                    // Wait for readiness before allocating the buffer, so an idle session holds
-                    // none. (rustls buffers records itself, so TLS reads directly.) The read
-                    // itself still awaits, so a spurious wake-up costs a wait, never a spin.
+                    // Wait for readiness without a buffer, so an idle session holds none
+                    // (rustls buffers records itself, so TLS reads directly). A read that finds
+                    // nothing drops the buffer and waits; `try_read` clears the readiness it
+                    // reports, so a spurious wake-up costs a wait, never a spin.
                     if self.buf.is_empty() {
                         tcp.readable().await?;
                         self.buf = vec![0; READ_BUF];
                     }
-                    tcp.read(&mut self.buf).await?
+                    match tcp.try_read(&mut self.buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.buf = Vec::new();
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 io => {
                     if self.buf.is_empty() {
