@@ -11,6 +11,9 @@ use clap::{Args, Parser, Subcommand};
 use halyard::admin::{self, Request};
 use halyard::config::Config;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "halyard", version, about = "An XMPP server")]
 struct Cli {
