@@ -873,13 +873,14 @@ mod tests {
             ts_micros: 900,
             seq: 10_000,
         };
-        let mut g = a.lock(&me);
-        let (run, _) = a.next_running(&mut g, &me, "b@x").unwrap();
-        assert_eq!((run.ord, run.with_ord), (2, 2));
-        g.forget(&me);
-        a.write_rows(&me, k3, "their-id-7", "b@x", "<m/>", run)
-            .unwrap();
-        drop(g);
+        {
+            let mut g = a.lock(&me);
+            let (run, _) = a.next_running(&mut g, &me, "b@x").unwrap();
+            assert_eq!((run.ord, run.with_ord), (2, 2));
+            g.forget(&me);
+            a.write_rows(&me, k3, "their-id-7", "b@x", "<m/>", run)
+                .unwrap();
+        }
         assert_eq!(a.locate(&me, "their-id-7").await.unwrap(), Some(k3));
         assert_eq!(a.count(&me, Some(&b)).await.unwrap(), 3);
         let (count, bytes) = a.size(&me).await.unwrap();
