@@ -116,6 +116,9 @@ impl Sessions {
                 directed: prev.directed,
             });
         }
+        // Most accounts have one resource: grow one entry at a time rather than by Vec's
+        // default first step of four (an entry is ~200 bytes; this is memory per session).
+        list.reserve_exact(1);
         list.push(entry);
         self.count.fetch_add(1, Ordering::Relaxed);
         None

@@ -43,6 +43,29 @@ pub struct XmlReader {
     header_pending: bool,
     /// Any non-whitespace input has been seen since the last reset.
     started: bool,
+    /// The header declared a namespace prefix besides `stream`, which stanzas may use.
+    header_other_prefixes: bool,
+}
+
+/// A tree builder inside a minimal stream element: `jabber:client` as the default namespace and
+/// the `stream` prefix, as a validated c2s header declares them.
+fn stanza_builder() -> Result<TreeBuilder, StreamError> {
+    const HEADER: &[u8] = b"<stream:stream xmlns='jabber:client' \
+        xmlns:stream='http://etherx.jabber.org/streams'>";
+    let mut parser = RawParser::new();
+    let mut builder = TreeBuilder::new();
+    let mut input = HEADER;
+    loop {
+        match parser.parse(&mut input, false) {
+            Ok(Some(ev)) => builder.process_event(ev).map_err(not_well_formed)?,
+            Ok(None) | Err(EndOrError::NeedMoreData) => break,
+            Err(EndOrError::Error(e)) => return Err(map_rxml_error(e)),
+        }
+    }
+    if builder.depth() != 1 {
+        return Err(not_well_formed("internal: the stanza builder did not open"));
+    }
+    Ok(builder)
 }
 
 fn parser_for(limits: &Limits) -> RawParser {
@@ -67,6 +90,7 @@ impl XmlReader {
             default_ns_ok: false,
             header_pending: false,
             started: false,
+            header_other_prefixes: false,
         }
     }
 
@@ -171,6 +195,11 @@ impl XmlReader {
             {
                 self.default_ns_ok = value.as_str() == ns::CLIENT;
             }
+            RawEvent::Attribute(_, (Some(prefix), name), _)
+                if depth == 0 && prefix.as_str() == "xmlns" && name.as_str() != "stream" =>
+            {
+                self.header_other_prefixes = true;
+            }
             RawEvent::Text(_, text) if depth == 1 => {
                 // Whitespace between stanzas is a keepalive (RFC 6120 §4.6.1); anything else is
                 // character data where the grammar allows none.
@@ -201,7 +230,14 @@ impl XmlReader {
         if is_head_close && depth == 0 && new_depth == 1 {
             // The stream header is complete.
             self.opened = true;
-            return self.header_event().map(Some);
+            let header = self.header_event()?;
+            if !self.header_other_prefixes {
+                // The builder keeps the header element open for the stream's life, with its
+                // attributes and namespace maps (~2 KiB per session). Stanzas need only the two
+                // namespaces, so continue with a builder that holds just those.
+                self.builder = stanza_builder()?;
+            }
+            return Ok(Some(header));
         }
         if is_foot {
             if depth == 1 && new_depth == 0 {
@@ -318,6 +354,23 @@ mod tests {
         }
         assert!(input.is_empty());
         Ok(out)
+    }
+
+    #[test]
+    fn stanzas_keep_namespaces_after_the_header_is_dropped() {
+        // The usual header: the reader continues with a minimal builder.
+        let mut r = XmlReader::new(LIMITS);
+        let doc =
+            format!("{HEADER}<message to='a@b'><x xmlns='urn:x' a='1'/></message><stream:error/>");
+        let ev = events(&mut r, doc.as_bytes()).unwrap();
+        assert!(matches!(&ev[1], StreamEvent::Element(m)
+            if m.is("message", ns::CLIENT) && m.get_child("x", "urn:x").is_some()));
+        assert!(matches!(&ev[2], StreamEvent::Element(e) if e.is("error", ns::STREAM)));
+        // A header declaring another prefix keeps it for the stanzas.
+        let mut r = XmlReader::new(LIMITS);
+        let doc = "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' xmlns:p='urn:p' to='x' version='1.0'><message><p:x/></message>";
+        let ev = events(&mut r, doc.as_bytes()).unwrap();
+        assert!(matches!(&ev[1], StreamEvent::Element(m) if m.get_child("x", "urn:p").is_some()));
     }
 
     #[test]
