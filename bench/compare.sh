@@ -21,7 +21,7 @@
 # checkout, else /work/main's), TLS (0/1 overrides the default transport), EXTRA (more
 # halyard-bench arguments), ARGS_OVERRIDE (replaces the scenario's load arguments), SETTLE_SECS (pause between runs, 2).
 #
-# Everything listens on 127.0.0.1 only: Halyard 15222, Prosody 25222, ejabberd 35222 (epmd on
+# Everything listens on 127.0.0.1 only: Halyard 17222, Prosody 27222, ejabberd 37222 (epmd on
 # 127.0.0.1:4369, node hcmp@localhost). Domain "localhost" everywhere; accounts u0..u<ACCOUNTS-1>,
 # password "pw", SCRAM credentials with 4096 PBKDF2 iterations (Halyard SCRAM-SHA-256/-1,
 # Prosody internal_hashed = SCRAM-SHA-1, ejabberd scram with sha256).
@@ -44,9 +44,9 @@ pick_bin() { # name
 HALYARD_BIN="${HALYARD_BIN:-$(pick_bin halyard)}"
 BENCH_BIN="${BENCH_BIN:-$(pick_bin halyard-bench)}"
 
-HALYARD_PORT=15222
-PROSODY_PORT=25222
-EJABBERD_PORT=35222
+HALYARD_PORT=17222
+PROSODY_PORT=27222
+EJABBERD_PORT=37222
 EJ_NODE=hcmp@localhost
 EJ_COOKIE=halyardcompare
 SCRAM_CACHE="$RUN_ROOT/scram.cache"
@@ -78,7 +78,14 @@ stop_pid() { # pid [grace_s]
     sleep 0.5
 }
 
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_free() { # port: free now or within 30 s (a previous server still shutting down)
+    local i
+    for ((i = 0; i < 300; i++)); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null || return 0
+        sleep 0.1
+    done
+    return 1
+}
 
 # The Debian packages start system instances on the standard ports: stop them (systemctl when it
 # works, else their processes, matched by the system config/node name, never ours).
@@ -323,7 +330,15 @@ start_server() { # server run tls(true/false) mam(true/false)
     SERVER_PORT=$port
 }
 
-# --- scenarios ------------------------------------------------------------------------------
+# SYNs dropped because a listen queue was full (machine-wide: other processes count too); a
+# dropped SYN is retried by the client after 1 s, which shows as ~1 s login latency
+listen_overflows() {
+    awk '/^TcpExt:/ { if (!h) { for (i = 1; i <= NF; i++) n[i] = $i; h = 1 } else { for (i = 1; i <= NF; i++) if (n[i] == "ListenOverflows") print $i } }' /proc/net/netstat
+}
+
+# --- scenarios ---
+# Saturation runs keep up to 8 messages in flight per direction; a server whose queueing delay
+# exceeds the drain (3 s default) would show those as losses, so chat-1000 drains for 10 s.---------------------------------------------------------------------------
 
 SCENARIOS="idle-plain-5k idle-plain-19k idle-tls-5k login-5k chat-100 chat-1000 latency-500 chat-100-mam chat-1000-mam latency-500-mam"
 
@@ -340,7 +355,7 @@ parse_scenario() {
         idle-tls-19k)   KIND=connect; ARGS="-n 19000 --hold 10 --settle 3 --sources 8"; TLS_ON=true ;;
         login-5k)       KIND=connect; ARGS="-n 5000 --rate 0 --hold 2 --settle 1"; TLS_ON=false ;;
         chat-100)       KIND=chat; ARGS="--pairs 100 --rate 0 --inflight 8 --warmup 3 --duration 15"; TLS_ON=true ;;
-        chat-1000)      KIND=chat; ARGS="--pairs 1000 --rate 0 --inflight 8 --warmup 3 --duration 15"; TLS_ON=true ;;
+        chat-1000)      KIND=chat; ARGS="--pairs 1000 --rate 0 --inflight 8 --warmup 3 --duration 15 --drain 10"; TLS_ON=true ;;
         latency-500)    KIND=chat; ARGS="--pairs 500 --rate 2000 --warmup 5 --duration 20"; TLS_ON=true ;;
         *) die "unknown scenario '$name' (known: $SCENARIOS; suffixes -mam, -tls, -plain)" ;;
     esac
@@ -368,19 +383,22 @@ run_one() { # scenario server rep
     tmp=$(mktemp "$RUN_ROOT/run.XXXXXX.jsonl")
     local tlsflag=""; [ "$TLS_ON" = true ] && tlsflag="--tls"
     local label="$server $( [ "$TLS_ON" = true ] && echo starttls || echo plain)$( [ "$MAM_ON" = true ] && echo ' mam')"
+    local ovf0; ovf0=$(listen_overflows)
     log "$name on $server (pid $pid, port $port), run $rep/$REPEAT"
     # shellcheck disable=SC2086
     "$BENCH_BIN" "$KIND" --port "$port" --domain localhost --pid "$pid" $tlsflag \
         --scram-cache "$SCRAM_CACHE" --label "$label" --json "$tmp" $ARGS ${EXTRA:-} \
         2>&1 | tee "$run/bench.out" || status=$?
+    local ovf=$(( $(listen_overflows) - ovf0 ))
+    [ "$ovf" -gt 0 ] && log "note: $ovf listen-queue overflows (machine-wide TcpExt ListenOverflows) during the run"
     local alive=true; kill -0 "$pid" 2>/dev/null || alive=false
     stop_pid "$pid" 20
     [ "$server" = ejabberd ] && { ERL_EPMD_ADDRESS=127.0.0.1 epmd -kill >/dev/null 2>&1 || true; }
     if [ -s "$tmp" ]; then
         mkdir -p "$(dirname "$RESULTS")"
-        python3 - "$tmp" "$RESULTS" "$name" "$server" "$(server_version "$server")" "$rep" "$alive" <<'EOF'
+        python3 - "$tmp" "$RESULTS" "$name" "$server" "$(server_version "$server")" "$rep" "$alive" "$ovf" <<'EOF'
 import json, sys, time
-tmp, out, name, server, version, rep, alive = sys.argv[1:]
+tmp, out, name, server, version, rep, alive, ovf = sys.argv[1:]
 with open(tmp) as f, open(out, "a") as o:
     for line in f:
         line = line.strip()
@@ -388,7 +406,7 @@ with open(tmp) as f, open(out, "a") as o:
             continue
         d = json.loads(line)
         d = {"compare": name, "server": server, "server_version": version, "rep": int(rep),
-             "server_alive_after": alive == "true",
+             "server_alive_after": alive == "true", "listen_overflows": int(ovf),
              "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **d}
         o.write(json.dumps(d) + "\n")
 EOF
@@ -396,7 +414,11 @@ EOF
         log "warning: no JSON from the load tool (exit $status)"
     fi
     rm -f "$tmp"
-    [ "$alive" = true ] || log "warning: $server died during $name"
+    if [ "$alive" != true ]; then
+        log "warning: $server died during $name (logs kept in $RUN_ROOT/$server/died-$name-$rep)"
+        mkdir -p "$RUN_ROOT/$server/died-$name-$rep"
+        cp "$run"/*.log "$run"/*.out "$run"/log/* "$RUN_ROOT/$server/died-$name-$rep/" 2>/dev/null || true
+    fi
     # warnings and errors the server logged during the run
     local lf
     for lf in "$run/halyard.log" "$run/prosody.log" "$run/log/error.log"; do
@@ -441,6 +463,7 @@ import json, sys, statistics
 from collections import defaultdict, OrderedDict
 
 rows = defaultdict(list)
+dead = defaultdict(int)
 order = []
 for path in sys.argv[1:]:
     for line in open(path):
@@ -451,6 +474,9 @@ for path in sys.argv[1:]:
         key = (d.get("compare", d.get("scenario")), d.get("server", d.get("label", "?")))
         if key[0] not in order:
             order.append(key[0])
+        if d.get("server_alive_after") is False:
+            dead[key] += 1   # the server went away during the run: not a measurement
+            continue
         rows[key].append(d)
 
 def get(d, path):
@@ -474,6 +500,7 @@ CONNECT = [("logins/s", "logins_per_s", "{:.0f}", False),
            ("sessions ok", "sessions_ok", "{:.0f}", False),
            ("errors", "errors_total", "{:.0f}", False),
            ("dropped", "dropped_during_hold", "{:.0f}", False),
+           ("listen overflows", "listen_overflows", "{:.0f}", False),
            ("tool cores", "tool_cores", "{:.2f}", False)]
 CHAT = [("msg/s", "throughput_msg_s", "{:.0f}", True),
         ("server CPU µs/msg", "server_cpu_us_per_msg", "{:.1f}", True),
@@ -526,6 +553,9 @@ for scen in order:
                 b = med(base, p)
                 cells.append("—" if (m is None or not b) else f"{m / b:.2f}")
         print("| " + " | ".join(cells) + " |")
+if dead:
+    print("Left out (server gone during the run): " +
+          ", ".join(f"{s} {sc} ×{n}" for (sc, s), n in sorted(dead.items())))
 print()
 EOF
 }
