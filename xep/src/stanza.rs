@@ -222,6 +222,19 @@ pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Forgets the namespace prefixes the sender declared, in `el` and every descendant; names and
+/// attributes keep their namespaces, and serialising picks prefixes of its own.
+///
+/// Apply this to every element parsed from outside: minidom's writer panics on an element whose
+/// descendant declares a prefix again (`<a xmlns:p='x'><b xmlns:p='x'/></a>`, well-formed XML),
+/// and every stanza gets serialised.
+pub fn forget_prefixes(el: &mut Element) {
+    el.prefixes = Default::default();
+    for child in el.children_mut() {
+        forget_prefixes(child);
+    }
+}
+
 /// Removes the child elements matching `pred`, keeping every other node in order.
 pub fn remove_children(el: &mut Element, pred: impl Fn(&Element) -> bool) {
     if !el.children().any(&pred) {
