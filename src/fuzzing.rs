@@ -319,13 +319,17 @@ fn split_after_second_comma(s: &str) -> (&str, &str) {
 // jid
 
 /// JID parsing and normalisation (RFC 7622, the `jid` crate) as the server uses it: `to`
-/// addresses in the router, domains in the configuration.
+/// addresses in the router and domains in the configuration go through
+/// [`halyard_xep::stanza::parse_jid`].
 pub fn jid(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else {
         return;
     };
-    match Jid::new(s) {
+    // The jid crate alone is not idempotent (see parse_jid); the server parses with parse_jid.
+    let raw = Jid::new(s);
+    match halyard_xep::stanza::parse_jid(s) {
         Ok(j) => {
+            assert_eq!(raw.as_ref().ok(), Some(&j));
             let text = j.to_string();
             let again = Jid::new(&text)
                 .unwrap_or_else(|e| panic!("normalised {text:?} of {s:?} does not parse: {e}"));
@@ -359,7 +363,7 @@ pub fn jid(data: &[u8]) {
                 assert_eq!(c.domains, vec![j.domain().to_string()]);
             }
         }
-        Err(_) => {
+        Err(_) if raw.is_err() => {
             assert!(
                 BareJid::new(s).is_err(),
                 "{s:?}: BareJid accepts what Jid refuses"
@@ -369,9 +373,7 @@ pub fn jid(data: &[u8]) {
                 "{s:?}: FullJid accepts what Jid refuses"
             );
         }
-    }
-    if let Ok(b) = BareJid::new(s) {
-        assert!(b.to_string().parse::<Jid>().is_ok());
+        Err(_) => {}
     }
 }
 
