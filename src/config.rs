@@ -746,8 +746,10 @@ impl Config {
         }
         let mut normalised = Vec::new();
         for d in &self.domains {
-            match jid::BareJid::new(d) {
-                Ok(j) if j.node().is_none() => normalised.push(j.domain().to_string()),
+            match halyard_xep::stanza::parse_jid(d) {
+                Ok(j) if j.node().is_none() && j.resource().is_none() => {
+                    normalised.push(j.domain().to_string())
+                }
                 _ => problems.push(format!("domain {d:?} is not a valid domain name: use a host name such as \"example.com\"")),
             }
         }

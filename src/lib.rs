@@ -26,6 +26,8 @@ pub mod admin;
 pub mod appserver;
 pub mod c2s;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod listener;
 pub mod maintenance;

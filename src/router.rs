@@ -37,7 +37,7 @@ pub async fn from_client(server: &Server, sender: &FullJid, mut el: Element) {
                     .is_some_and(|f| domains.iter().any(|d| d == f))
         });
     }
-    let to = match el.attr("to").map(Jid::new) {
+    let to = match el.attr("to").map(halyard_xep::stanza::parse_jid) {
         None => None,
         Some(Ok(j)) => Some(j),
         Some(Err(e)) => {

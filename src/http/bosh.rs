@@ -597,16 +597,14 @@ async fn handle(
         max_stanza_bytes: limit,
         max_depth: c2s.max_depth + 1,
     };
-    let el = match parse_element(&bytes, limits) {
-        Ok(el) if el.is("body", NS_HTTPBIND) => el,
-        Ok(_) => return sessionless(StatusCode::BAD_REQUEST, "bad-request"),
+    let (el, rid) = match parse_request(&bytes, limits) {
+        Ok(r) => r,
         Err(e) => {
-            tracing::debug!(ip = %peer.ip(), error = %e, "unreadable BOSH request");
+            if let Some(e) = e {
+                tracing::debug!(ip = %peer.ip(), error = %e, "unreadable BOSH request");
+            }
             return sessionless(StatusCode::BAD_REQUEST, "bad-request");
         }
-    };
-    let Some(rid) = el.attr("rid").and_then(|r| r.trim().parse::<u64>().ok()) else {
-        return sessionless(StatusCode::BAD_REQUEST, "bad-request");
     };
     let trusted = st.secure || crate::http::is_trusted(&server, peer.ip());
     let inc = incoming(&el, bytes.len());
@@ -627,6 +625,49 @@ async fn handle(
     let acc = shared.accept(rid, inc);
     let reply = reply_to(&shared, acc).await;
     http_response(reply, shared.content_type.clone())
+}
+
+/// A request body: the `<body/>` wrapper and its `rid`. The error is None when the XML is fine
+/// but not a BOSH request.
+fn parse_request(bytes: &[u8], limits: Limits) -> Result<(Element, u64), Option<StreamError>> {
+    let el = parse_element(bytes, limits).map_err(Some)?;
+    if !el.is("body", NS_HTTPBIND) {
+        return Err(None);
+    }
+    let rid = el
+        .attr("rid")
+        .and_then(|r| r.trim().parse::<u64>().ok())
+        .ok_or(None)?;
+    Ok((el, rid))
+}
+
+/// What [`handle`] and [`create`] read from a request, without a server: for the fuzzer
+/// ([`crate::fuzzing::framing`]).
+pub(crate) fn fuzz_request(bytes: &[u8], limits: Limits) {
+    let Ok((el, rid)) = parse_request(bytes, limits) else {
+        return;
+    };
+    let inc = incoming(&el, bytes.len());
+    let _ = rid.saturating_add(1);
+    let _ = el
+        .attr("content")
+        .and_then(|c| HeaderValue::from_str(c).ok());
+    let num = |a: &str| el.attr(a).and_then(|v| v.trim().parse::<u64>().ok());
+    let _ = (num("wait"), num("hold"));
+    let ver = negotiate_version(el.attr("ver"));
+    if let Some(to) = inc.to.as_deref().filter(|t| !t.is_empty()) {
+        let version = el.attr_ns(NS_XBOSH, "version").unwrap_or("1.0");
+        let _ = String::from(&header(to, version, el.attr("from")));
+        let attrs = format!(" ver='{ver}' from='{}'", esc(to));
+        let _ = wrap(&attrs, b"");
+    }
+    for p in &inc.payloads {
+        assert!(
+            p.ns() != NS_HTTPBIND,
+            "a payload kept the wrapper's namespace"
+        );
+        let _ = writer::to_bytes(p);
+    }
 }
 
 /// The lower of the client's version and ours, as "major.minor".

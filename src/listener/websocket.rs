@@ -69,6 +69,28 @@ async fn upgrade(
         .into_response()
 }
 
+/// Reads one WebSocket text message: `<open/>`, `<close/>` or a stanza; None for a
+/// whitespace keepalive.
+pub(crate) fn frame(text: &str, limits: Limits) -> Result<Option<StreamEvent>, StreamError> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let el = parse_element(text.as_bytes(), limits)?;
+    if el.is("open", ns::FRAMING) {
+        return Ok(Some(StreamEvent::Open(el)));
+    }
+    if el.is("close", ns::FRAMING) {
+        return Ok(Some(StreamEvent::Close));
+    }
+    if el.is("stream", ns::STREAM) {
+        return Err(StreamError::new(
+            StreamErrorKind::InvalidNamespace,
+            "WebSocket framing uses <open xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>",
+        ));
+    }
+    Ok(Some(StreamEvent::Element(el)))
+}
+
 pub struct WsTransport {
     ws: WebSocket,
     peer: SocketAddr,
@@ -100,24 +122,11 @@ impl Transport for WsTransport {
             };
             self.bytes_in += text.len() as u64;
             crate::c2s::transport::check_read_limit(self.bytes_in, self.read_limit)?;
-            if text.as_str().trim().is_empty() {
+            match frame(text.as_str(), self.limits).map_err(TransportError::Stream)? {
+                Some(ev) => return Ok(Some(ev)),
                 // Whitespace keepalive.
-                continue;
+                None => continue,
             }
-            let el = parse_element(text.as_bytes(), self.limits).map_err(TransportError::Stream)?;
-            if el.is("open", ns::FRAMING) {
-                return Ok(Some(StreamEvent::Open(el)));
-            }
-            if el.is("close", ns::FRAMING) {
-                return Ok(Some(StreamEvent::Close));
-            }
-            if el.is("stream", ns::STREAM) {
-                return Err(TransportError::Stream(StreamError::new(
-                    StreamErrorKind::InvalidNamespace,
-                    "WebSocket framing uses <open xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>",
-                )));
-            }
-            return Ok(Some(StreamEvent::Element(el)));
         }
     }
 

@@ -152,11 +152,11 @@ impl Hash {
         with_digest!(self, D => <D as Digest>::output_size())
     }
 
-    fn h(self, data: &[u8]) -> Vec<u8> {
+    pub(crate) fn h(self, data: &[u8]) -> Vec<u8> {
         with_digest!(self, D => D::digest(data).to_vec())
     }
 
-    fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
+    pub(crate) fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
         with_digest!(self, D => {
             // HMAC takes keys of any length (long ones are hashed), so this cannot fail.
             let mut mac = <Hmac<D> as Mac>::new_from_slice(key).expect("HMAC accepts any key length");
@@ -166,7 +166,7 @@ impl Hash {
     }
 
     /// `Hi()` of RFC 5802 §2.2, which is PBKDF2 with HMAC and one output block.
-    fn hi(self, password: &[u8], salt: &[u8], iterations: u32) -> Vec<u8> {
+    pub(crate) fn hi(self, password: &[u8], salt: &[u8], iterations: u32) -> Vec<u8> {
         with_digest!(self, D => {
             let mut out = vec![0u8; <D as Digest>::output_size()];
             pbkdf2::pbkdf2_hmac::<D>(password, salt, iterations, &mut out);
@@ -378,8 +378,7 @@ impl ScramServer {
         Self::with_server_nonce(hash, plus, cb, STANDARD.encode(raw))
     }
 
-    /// For the RFC test vectors, which fix the server nonce.
-    #[cfg(test)]
+    /// For the RFC test vectors and the fuzzer ([`crate::fuzzing`]), which fix the server nonce.
     pub(crate) fn with_fixed_nonce(
         hash: Hash,
         plus: bool,

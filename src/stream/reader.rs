@@ -12,6 +12,7 @@ use rxml::parser::{Parse, RawEvent, RawParser, WithOptions};
 
 use super::{StreamError, StreamErrorKind};
 use halyard_xep::ns;
+use halyard_xep::stanza::forget_prefixes;
 
 #[derive(Debug)]
 pub enum StreamEvent {
@@ -246,7 +247,10 @@ impl XmlReader {
             if new_depth == 1 {
                 self.stanza_bytes = 0;
                 return match self.builder.unshift_child() {
-                    Some(el) => Ok(Some(StreamEvent::Element(el))),
+                    Some(mut el) => {
+                        forget_prefixes(&mut el);
+                        Ok(Some(StreamEvent::Element(el)))
+                    }
                     None => Ok(None),
                 };
             }
@@ -331,10 +335,12 @@ pub fn parse_element(bytes: &[u8], limits: Limits) -> Result<Element, StreamErro
             Err(EndOrError::Error(e)) => return Err(map_rxml_error(e)),
         }
     }
-    builder
+    let mut el = builder
         .root
         .take()
-        .ok_or_else(|| not_well_formed("no element"))
+        .ok_or_else(|| not_well_formed("no element"))?;
+    forget_prefixes(&mut el);
+    Ok(el)
 }
 
 #[cfg(test)]
@@ -467,6 +473,29 @@ mod tests {
             events(&mut r, doc.as_bytes()).unwrap_err().kind,
             StreamErrorKind::InvalidNamespace
         );
+    }
+
+    #[test]
+    fn redeclared_prefixes_serialise() {
+        // minidom's writer panicked on a prefix declared again below its declaration.
+        let mut r = XmlReader::new(LIMITS);
+        events(&mut r, HEADER.as_bytes()).unwrap();
+        let doc = "<message xmlns:p='urn:x'><b xmlns:p='urn:x' p:c='1'><p:d xmlns:stream='urn:y'/></b></message>";
+        let ev = events(&mut r, doc.as_bytes()).unwrap();
+        let StreamEvent::Element(el) = &ev[0] else {
+            panic!("{ev:?}")
+        };
+        let out = String::from(el);
+        // What the server wrote is read back as is (archive, offline storage) and written again.
+        let stored: Element = out.parse().unwrap();
+        assert_eq!(String::from(&stored), out);
+        let b = stored.get_child("b", ns::CLIENT).unwrap();
+        assert_eq!(b.attr_ns("urn:x", "c"), Some("1"));
+        assert!(b.has_child("d", "urn:x"));
+        // The same for a single element (WebSocket, BOSH).
+        let doc = doc.replacen("<message", "<message xmlns='jabber:client'", 1);
+        let single = parse_element(doc.as_bytes(), LIMITS).unwrap();
+        assert_eq!(String::from(&single), out);
     }
 
     #[test]

@@ -222,6 +222,46 @@ pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Parses an address from outside (a stanza's `to`, a configured domain) and checks that it is
+/// in normal form: its text parses to the same JID again.
+///
+/// The `jid` crate's preparation is not idempotent for some compatibility characters: `℻`
+/// prepares to `FAX`, which prepares to `fax`, so `℻@example.com` would be a JID of its own that
+/// prints as another one's. RFC 7622 (PRECIS IdentifierClass, IDNA2008 for domains) refuses
+/// such characters, and so does this.
+pub fn parse_jid(s: &str) -> Result<Jid, String> {
+    let jid = Jid::new(s).map_err(|e| e.to_string())?;
+    match Jid::new(&jid.to_string()) {
+        Ok(again) if again == jid => Ok(jid),
+        _ => Err("characters outside RFC 7622's classes (not stable under preparation)".into()),
+    }
+}
+
+#[cfg(test)]
+mod parse_jid_tests {
+    #[test]
+    fn unstable_preparation_is_refused() {
+        for s in ["\u{213b}@example.com", "a@\u{213b}", "\u{213b}/y@@xe"] {
+            assert!(super::parse_jid(s).is_err(), "{s}");
+        }
+        let j = super::parse_jid("Juliet@Example.COM/Balcony").unwrap();
+        assert_eq!(j.to_string(), "juliet@example.com/Balcony");
+    }
+}
+
+/// Forgets the namespace prefixes the sender declared, in `el` and every descendant; names and
+/// attributes keep their namespaces, and serialising picks prefixes of its own.
+///
+/// Apply this to every element parsed from outside: minidom's writer panics on an element whose
+/// descendant declares a prefix again (`<a xmlns:p='x'><b xmlns:p='x'/></a>`, well-formed XML),
+/// and every stanza gets serialised.
+pub fn forget_prefixes(el: &mut Element) {
+    el.prefixes = Default::default();
+    for child in el.children_mut() {
+        forget_prefixes(child);
+    }
+}
+
 /// Removes the child elements matching `pred`, keeping every other node in order.
 pub fn remove_children(el: &mut Element, pred: impl Fn(&Element) -> bool) {
     if !el.children().any(&pred) {

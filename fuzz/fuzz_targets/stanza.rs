@@ -1,0 +1,3 @@
+#![no_main]
+// See docs/fuzzing.md; the target itself is halyard::fuzzing::stanza, which the test suite replays.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| halyard::fuzzing::stanza(data));
