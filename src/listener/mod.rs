@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::c2s::{self, TcpTransport};
@@ -24,11 +24,27 @@ pub fn limits(server: &Server) -> Limits {
     }
 }
 
+/// Pending connections the kernel queues per listener before `accept` (capped by the kernel's
+/// `net.core.somaxconn`). Tokio's default of 1024 overflowed in login bursts: the dropped SYNs
+/// are retried after a second, which showed as one-second logins.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds a listener, saying which option to change when it fails.
 pub async fn bind(addr: SocketAddr, kind: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    let fail = |e: std::io::Error| {
         anyhow::anyhow!("cannot listen on {addr} for {kind}: {e} (change listeners.{kind} in the config or pass --{})", kind.replace('_', "-"))
-    })
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(fail)?;
+    // As std and tokio do for listeners: a restarted server can bind while old connections
+    // linger in TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(fail)?;
+    socket.bind(addr).map_err(fail)?;
+    socket.listen(LISTEN_BACKLOG).map_err(fail)
 }
 
 async fn accept_loop<F, Fut>(listener: TcpListener, server: Arc<Server>, handle: F)
