@@ -140,6 +140,8 @@ fn random_id() -> String {
 fn strip_our_stanza_ids(host: &dyn Host, el: &mut Element, sender: &BareJid, recipient: &BareJid) {
     let ours = |c: &Element| {
         c.is("stanza-id", SID)
+            // Lenient on purpose: this only decides what to strip, and a `by` that merely
+            // prepares to one of ours is stripped too.
             && c.attr("by")
                 .and_then(|by| Jid::new(by).ok())
                 .is_some_and(|by| {
@@ -368,6 +370,7 @@ fn involves(m: &ArchivedMessage, full: &FullJid) -> bool {
     let Ok(el) = m.stanza.parse::<Element>() else {
         return false;
     };
+    // An archived stanza: its addresses were checked when it was routed.
     ["from", "to"].iter().any(|a| {
         el.attr(*a)
             .and_then(|v| Jid::new(v).ok())
@@ -590,7 +593,10 @@ pub fn parse_query(query: &Element) -> Result<Query, StanzaError> {
                     q.with = match value(field) {
                         None => None,
                         Some(v) => {
-                            Some(Jid::new(v.trim()).map_err(|_| StanzaError::JidMalformed(None))?)
+                            Some(
+                                crate::stanza::parse_jid(v.trim())
+                                    .map_err(|e| StanzaError::JidMalformed(Some(e)))?,
+                            )
                         }
                     }
                 }
@@ -812,7 +818,8 @@ pub fn parse_prefs(el: &Element) -> Result<ArchivePrefs, StanzaError> {
             .into_iter()
             .flat_map(|l| l.children().filter(|c| c.is("jid", NS)))
         {
-            let jid = Jid::new(j.text().trim()).map_err(|_| StanzaError::JidMalformed(None))?;
+            let jid = crate::stanza::parse_jid(j.text().trim())
+                .map_err(|e| StanzaError::JidMalformed(Some(e)))?;
             if !out.iter().any(|o| o == jid.as_str()) {
                 out.push(jid.to_string());
             }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use jid::{BareJid, Jid};
+use jid::BareJid;
 use minidom::Element;
 
 use crate::host::{Host, RosterItem, StoreResult};
@@ -201,7 +201,7 @@ fn contact_of(item: &Element, user: &BareJid) -> Result<BareJid, StanzaError> {
     let raw = item
         .attr("jid")
         .ok_or_else(|| StanzaError::BadRequest(Some("item without jid".into())))?;
-    let jid = Jid::new(raw).map_err(|_| StanzaError::JidMalformed(None))?;
+    let jid = crate::stanza::parse_jid(raw).map_err(|e| StanzaError::JidMalformed(Some(e)))?;
     let contact = BareJid::try_from(jid)
         .map_err(|_| StanzaError::BadRequest(Some("roster items are bare JIDs".into())))?;
     if &contact == user {
