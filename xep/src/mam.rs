@@ -592,12 +592,10 @@ pub fn parse_query(query: &Element) -> Result<Query, StanzaError> {
                 "with" => {
                     q.with = match value(field) {
                         None => None,
-                        Some(v) => {
-                            Some(
-                                crate::stanza::parse_jid(v.trim())
-                                    .map_err(|e| StanzaError::JidMalformed(Some(e)))?,
-                            )
-                        }
+                        Some(v) => Some(
+                            crate::stanza::parse_jid(v.trim())
+                                .map_err(|e| StanzaError::JidMalformed(Some(e)))?,
+                        ),
                     }
                 }
                 "start" => q.start = date(field, var)?,

@@ -243,7 +243,9 @@ pub fn parse_jid(s: &str) -> Result<Jid, String> {
 pub fn parse_bare_jid(s: &str) -> Result<BareJid, String> {
     match parse_jid(s)?.try_into_full() {
         Err(b) => Ok(b),
-        Ok(_) => Err(format!("the JID {s:?} has a resource; a bare JID is expected here")),
+        Ok(_) => Err(format!(
+            "the JID {s:?} has a resource; a bare JID is expected here"
+        )),
     }
 }
 
@@ -251,7 +253,9 @@ pub fn parse_bare_jid(s: &str) -> Result<BareJid, String> {
 pub fn parse_full_jid(s: &str) -> Result<FullJid, String> {
     match parse_jid(s)?.try_into_full() {
         Ok(f) => Ok(f),
-        Err(_) => Err(format!("the JID {s:?} has no resource; a full JID is expected here")),
+        Err(_) => Err(format!(
+            "the JID {s:?} has no resource; a full JID is expected here"
+        )),
     }
 }
 
@@ -300,7 +304,10 @@ mod parse_jid_tests {
 
     #[test]
     fn resources() {
-        assert_eq!(super::parse_resource("Balcony").unwrap().as_str(), "Balcony");
+        assert_eq!(
+            super::parse_resource("Balcony").unwrap().as_str(),
+            "Balcony"
+        );
         assert!(super::parse_resource("").is_err());
         assert!(super::parse_resource("\u{213b}").is_err());
     }
