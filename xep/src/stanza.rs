@@ -299,7 +299,8 @@ mod parse_jid_tests {
         assert_eq!(f.resource().as_str(), "Balcony");
         assert!(super::parse_full_jid("juliet@example.com").is_err());
         assert!(super::parse_full_jid("\u{213b}@example.com/r").is_err());
-        assert!(super::parse_full_jid("a@example.com/\u{213b}").is_err());
+        // As a resource ℻ prepares stably (no case folding after it), so it is accepted.
+        assert!(super::parse_full_jid("a@example.com/\u{213b}").is_ok());
     }
 
     #[test]
@@ -309,7 +310,13 @@ mod parse_jid_tests {
             "Balcony"
         );
         assert!(super::parse_resource("").is_err());
-        assert!(super::parse_resource("\u{213b}").is_err());
+        assert!(
+            super::parse_resource("a/b").is_ok(),
+            "a slash is allowed in a resource"
+        );
+        // Whatever ℻ prepares to as a resource, that is stable.
+        let r = super::parse_resource("\u{213b}").unwrap();
+        assert_eq!(super::parse_resource(r.as_str()).unwrap(), r);
     }
 }
 
