@@ -1594,6 +1594,18 @@ mod tests {
         );
     }
 
+    /// Issue 7: a `with` filter not stable under preparation (℻ → FAX → fax) is refused.
+    #[tokio::test]
+    async fn with_filter_with_an_unstable_jid_is_jid_malformed() {
+        let h = host(&["a"]);
+        h.bind("a/r");
+        let q = form_xml(&[("with", "\u{213b}@example.com")]);
+        assert_eq!(
+            raw_query(&h, "a/r", "", &q).await.err().as_deref(),
+            Some("jid-malformed")
+        );
+    }
+
     #[tokio::test]
     async fn paging_forwards_and_backwards() {
         let h = host(&["a", "b", "c"]);

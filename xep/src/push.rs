@@ -694,6 +694,20 @@ mod tests {
         }
     }
 
+    /// Issue 7: a push service JID not stable under preparation is jid-malformed.
+    #[tokio::test]
+    async fn enable_with_an_unstable_jid_is_jid_malformed() {
+        let h = host();
+        h.bind("b/r");
+        let r = h
+            .iq(
+                "b/r",
+                "<iq type='set' id='e'><enable xmlns='urn:xmpp:push:0' jid='\u{213b}@example.org' node='n'/></iq>",
+            )
+            .await;
+        assert_eq!(err(r), "jid-malformed");
+    }
+
     async fn enable_app(h: &TestHost, node: &str) {
         ok(h.iq(
             "b/r",

@@ -332,6 +332,19 @@ mod tests {
         h.take();
     }
 
+    /// Issue 7: ℻ prepares to FAX, then to fax; such a contact is jid-malformed, not stored.
+    #[tokio::test]
+    async fn set_with_an_unstable_jid_is_jid_malformed() {
+        let h = TestHost::new(&["a", "b"]);
+        h.bind("a/r");
+        let r = h
+            .iq("a/r", &set_iq("<item jid='\u{213b}@example.com'/>"))
+            .await;
+        assert_eq!(err(r), "jid-malformed");
+        let roster = ok(h.iq("a/r", GET).await).expect("a roster");
+        assert_eq!(roster.children().count(), 0, "nothing stored");
+    }
+
     #[tokio::test]
     async fn get_lists_the_visible_roster_and_marks_the_resource_interested() {
         let h = TestHost::new(&["a", "b", "c"]);
