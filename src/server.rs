@@ -192,6 +192,7 @@ impl Host for Server {
 
     async fn request(&self, mut iq: Element, timeout: Duration) -> Option<Element> {
         let id = format!("h{}", self.next_conn_id());
+        // A request a module builds: its `to` is ours or was checked on the way in.
         let to = iq.attr("to").and_then(|t| Jid::new(t).ok())?;
         iq.set_attr(
             minidom::rxml::Namespace::NONE,

@@ -473,6 +473,7 @@ async fn write_user<W: Write + Send>(
                 && el.attr("type") == Some("subscribe")
                 && el
                     .attr("from")
+                    // Export: a stanza from our store, checked when it was stored.
                     .and_then(|f| Jid::new(f).ok())
                     .is_some_and(|f| f.to_bare().as_str() == i.jid)
         });
@@ -1190,8 +1191,8 @@ fn b64_string(what: &str, text: &str) -> anyhow::Result<String> {
 }
 
 fn normalise(what: &str, raw: &str) -> anyhow::Result<String> {
-    Ok(BareJid::new(raw.trim())
-        .with_context(|| format!("{what} {raw:?} is not a valid bare JID"))?
+    Ok(halyard_xep::stanza::parse_bare_jid(raw.trim())
+        .map_err(|e| anyhow!("{what} {raw:?} is not a valid bare JID: {e}"))?
         .to_string())
 }
 
@@ -1295,9 +1296,13 @@ impl<'a> Importer<'a> {
     async fn handle(&mut self, item: Item) -> anyhow::Result<()> {
         match item {
             Item::HostStart(jid) => {
-                let d = jid::DomainPart::new(&jid)
-                    .map_err(|e| anyhow!("<host jid='{jid}'/> is not a domain: {e}"))?
-                    .to_string();
+                let d = halyard_xep::stanza::parse_bare_jid(&jid)
+                    .map_err(|e| anyhow!("<host jid='{jid}'/> is not a domain: {e}"))?;
+                ensure!(
+                    d.node().is_none(),
+                    "<host jid='{jid}'/> is not a domain: it has a user part"
+                );
+                let d = d.domain().to_string();
                 if !self.write && !self.ctx.domains.is_empty() && !self.ctx.domains.contains(&d) {
                     self.warn(format!(
                         "host {d} is not among the served domains ({}); its accounts are imported but unusable until it is added",
@@ -1333,8 +1338,8 @@ impl<'a> Importer<'a> {
             !name.is_empty() && !name.contains(['@', '/']),
             "<user name='{name}'/> on {host} is not the user part of a JID"
         );
-        let jid = BareJid::new(&format!("{name}@{host}"))
-            .with_context(|| format!("<user name='{name}'/> on {host} is not a valid JID"))?;
+        let jid = halyard_xep::stanza::parse_bare_jid(&format!("{name}@{host}"))
+            .map_err(|e| anyhow!("<user name='{name}'/> on {host} is not a valid JID: {e}"))?;
         ensure!(jid.node().is_some(), "<user name='{name}'/> is empty");
         ensure!(
             self.seen.insert(jid.clone()),
@@ -1469,8 +1474,8 @@ impl<'a> Importer<'a> {
                 let from = el
                     .attr("from")
                     .context("a pending subscription request without from")?;
-                let contact = Jid::new(from)
-                    .with_context(|| format!("subscription request from {from:?}: not a JID"))?
+                let contact = halyard_xep::stanza::parse_jid(from)
+                    .map_err(|e| anyhow!("subscription request from {from:?}: not a JID: {e}"))?
                     .to_bare()
                     .to_string();
                 let stanza = String::from(&el);
@@ -1521,8 +1526,8 @@ impl<'a> Importer<'a> {
             }
             ("push-registration", NS_EXT) => {
                 let raw = el.attr("jid").context("<push-registration/> without jid")?;
-                let jid = Jid::new(raw)
-                    .with_context(|| format!("push registration jid {raw:?} is not a JID"))?
+                let jid = halyard_xep::stanza::parse_jid(raw)
+                    .map_err(|e| anyhow!("push registration jid {raw:?} is not a JID: {e}"))?
                     .to_string();
                 let node = el
                     .attr("node")
@@ -1774,7 +1779,7 @@ impl<'a> Importer<'a> {
                     .with_context(|| format!("archive result {id}: no message"))?;
                 let bare = |a: &str| {
                     msg.attr(a)
-                        .and_then(|j| Jid::new(j).ok())
+                        .and_then(|j| halyard_xep::stanza::parse_jid(j).ok())
                         .map(|j| j.to_bare())
                 };
                 let with = match (bare("from"), bare("to")) {

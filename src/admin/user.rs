@@ -1,6 +1,6 @@
 //! `halyard user add|passwd|remove|list`.
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use jid::BareJid;
 
 use super::Context;
@@ -9,8 +9,8 @@ use crate::stream::{StreamError, StreamErrorKind};
 
 /// Parses and normalises an account JID (RFC 7622), checking it is on a served domain.
 pub(super) fn account_jid(ctx: &Context<'_>, raw: &str) -> anyhow::Result<BareJid> {
-    let jid = BareJid::new(raw)
-        .with_context(|| format!("{raw:?} is not a valid JID: use the form user@domain"))?;
+    let jid = halyard_xep::stanza::parse_bare_jid(raw)
+        .map_err(|e| anyhow::anyhow!("{e}: use the form user@domain"))?;
     if jid.node().is_none() {
         bail!("{raw:?} has no user part: use the form user@domain");
     }

@@ -213,7 +213,7 @@ impl<T: Transport> Session<T> {
         };
         let from = header
             .attr("from")
-            .and_then(|f| BareJid::new(f).ok())
+            .and_then(|f| halyard_xep::stanza::parse_bare_jid(f).ok())
             .map(|j| j.to_string());
         if self
             .t
@@ -504,7 +504,8 @@ impl<T: Transport> Session<T> {
         if username.is_empty() {
             return None;
         }
-        BareJid::new(&format!("{username}@{domain}")).ok()
+        // Client input: a name that does not prepare to itself names no account.
+        halyard_xep::stanza::parse_bare_jid(&format!("{username}@{domain}")).ok()
     }
 
     async fn auth_plain(
@@ -517,7 +518,7 @@ impl<T: Transport> Session<T> {
             .account_for(&creds.authcid, domain)
             .ok_or(("not-authorized", None))?;
         if let Some(z) = creds.authzid.as_deref().filter(|z| !z.is_empty()) {
-            if BareJid::new(z).ok().as_ref() != Some(&jid) {
+            if halyard_xep::stanza::parse_bare_jid(z).ok().as_ref() != Some(&jid) {
                 return Err(("invalid-authzid", None));
             }
         }
@@ -610,7 +611,7 @@ impl<T: Transport> Session<T> {
             return Ok(Err(("not-authorized", None)));
         };
         if let Some(z) = first.authzid.as_deref().filter(|z| !z.is_empty()) {
-            if BareJid::new(z).ok().as_ref() != Some(&jid) {
+            if halyard_xep::stanza::parse_bare_jid(z).ok().as_ref() != Some(&jid) {
                 return Ok(Err(("invalid-authzid", None)));
             }
         }
@@ -631,14 +632,16 @@ impl<T: Transport> Session<T> {
             .map(|r| r.text())
             .filter(|r| !r.trim().is_empty());
         let resource = match requested {
-            Some(r) => match ResourcePart::new(&r) {
-                Ok(rp) => rp.into_owned(),
-                Err(_) => {
+            // RFC 6120 §7.7.2.1: a resource that cannot be processed (here: one not stable
+            // under preparation, which would print as another resource) is bad-request.
+            Some(r) => match halyard_xep::stanza::parse_resource(&r) {
+                Ok(rp) => rp,
+                Err(e) => {
                     let err = halyard_xep::stanza::error_reply(
                         iq,
                         "",
                         self.server.domain(),
-                        halyard_xep::StanzaError::BadRequest(Some("invalid resource".into())),
+                        halyard_xep::StanzaError::BadRequest(Some(e)),
                     );
                     if let Some(e) = err {
                         self.send_el(&e)

@@ -679,6 +679,7 @@ async fn a_message_sent_through_the_api_reaches_a_tcp_client_and_moves_metrics()
     for (to, code) in [
         ("not a jid@@", 422),
         ("x@remote.example", 422),
+        ("\u{213b}@localhost", 422),
         ("nobody@localhost", 404),
     ] {
         let r = call(
@@ -765,6 +766,18 @@ async fn admin_manages_accounts_sessions_and_messages() {
     )
     .await;
     assert_eq!(r.status, 422);
+    // Issue 7: ℻@localhost prepares to FAX@localhost, then to fax@localhost: refused, with why.
+    let r = call(
+        s.http,
+        "POST",
+        "/api/v1/admin/users",
+        a,
+        Some(json!({ "jid": "\u{213b}@localhost", "password": "pw1" })),
+    )
+    .await;
+    assert_eq!((r.status, r.error()), (422, "invalid".to_string()));
+    let why = r.json()["message"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("RFC 7622"), "says why: {why}");
     let r = call(s.http, "GET", "/api/v1/admin/users", a, None).await;
     assert_eq!(
         r.json()["users"],

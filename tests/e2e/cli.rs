@@ -390,6 +390,18 @@ async fn user_commands_without_a_running_server() {
     list.ok("user list");
     assert_eq!(list.stdout, "alice@localhost\nbob@localhost\n");
 
+    // Issue 7: a name not stable under preparation (℻ → FAX → fax) is refused, saying why.
+    for name in ["\u{213b}@localhost", "\u{213b}"] {
+        let err = env
+            .run(&["user", "add", name, "--password", "pw"])
+            .fails("user add of an unstable JID")
+            .to_string();
+        assert!(
+            err.contains('\u{213b}') && err.contains("JID"),
+            "names the JID and what is wrong: {err}"
+        );
+    }
+
     // The password from stdin, its line ending not included.
     env.run_stdin(&["user", "add", "carol@localhost"], "pw-carol\n")
         .ok("user add, password on stdin");

@@ -688,6 +688,29 @@ fn malformed_or_conflicting_imports_leave_the_store_untouched() {
         err.contains("eve@localhost") && err.contains("many"),
         "{err}"
     );
+    // Issue 7: a user whose JID is not stable under preparation (℻ → FAX → fax), and a roster
+    // item naming one: each refused with the entry named, nothing written.
+    std::fs::write(
+        env.path().join("fax.xml"),
+        "<server-data xmlns='urn:xmpp:pie:0'><host jid='localhost'><user name='\u{213b}'/></host></server-data>",
+    )
+    .unwrap();
+    let err = fails(&env.run(&["import", "fax.xml"]), "unstable user import");
+    assert!(
+        err.contains("<user name='\u{213b}'/>") && err.contains("RFC 7622"),
+        "{err}"
+    );
+    std::fs::write(
+        env.path().join("fax2.xml"),
+        "<server-data xmlns='urn:xmpp:pie:0'><host jid='localhost'><user name='eve'><query xmlns='jabber:iq:roster'><item jid='\u{213b}@localhost' subscription='both'/></query></user></host></server-data>",
+    )
+    .unwrap();
+    let err = fails(
+        &env.run(&["import", "fax2.xml"]),
+        "unstable roster item import",
+    );
+    assert!(err.contains("RFC 7622"), "{err}");
+    assert_eq!(before, trees(&env.data()));
     std::fs::write(env.path().join("other.xml"), "<html/>").unwrap();
     let err = fails(&env.run(&["import", "other.xml"]), "not xep-0227");
     assert!(err.contains("not a XEP-0227 file"), "{err}");

@@ -1343,3 +1343,42 @@ async fn a_session_replaced_by_a_conflicting_login_ends_with_unavailable() {
         })
         .await;
 }
+
+/// Issue 7: `℻@localhost` prepares to `FAX@localhost`, which prepares to `fax@localhost`, so it
+/// would print as another account's JID. A roster set with it is refused with `jid-malformed`
+/// and stores nothing; a message to it bounces with `jid-malformed`.
+#[tokio::test]
+async fn unstable_jids_are_refused_not_stored_or_routed() {
+    let s = server(&["alice", "fax"]).await;
+    let mut alice = Client::start(&s, "alice", "phone").await;
+    let mut fax = Client::start(&s, "fax", "desk").await;
+
+    let r = alice.roster_set("<item jid='\u{213b}@localhost'/>").await;
+    assert_eq!(r.attr("type"), Some("error"), "{}", xml(&r));
+    assert_eq!(
+        stanza_error(&r).as_deref(),
+        Some("jid-malformed"),
+        "{}",
+        xml(&r)
+    );
+    let q = alice.roster().await;
+    assert!(items(&q).is_empty(), "nothing stored: {}", xml(&q));
+
+    alice
+        .send("<message to='\u{213b}@localhost' type='chat' id='fax1'><body>x</body></message>")
+        .await;
+    let e = alice
+        .expect("the bounce", |e| {
+            e.name() == "message" && e.attr("id") == Some("fax1")
+        })
+        .await;
+    assert_eq!(e.attr("type"), Some("error"), "{}", xml(&e));
+    assert_eq!(
+        stanza_error(&e).as_deref(),
+        Some("jid-malformed"),
+        "{}",
+        xml(&e)
+    );
+    fax.quiet("no message for fax@localhost", |e| e.name() == "message")
+        .await;
+}

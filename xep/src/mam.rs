@@ -140,6 +140,8 @@ fn random_id() -> String {
 fn strip_our_stanza_ids(host: &dyn Host, el: &mut Element, sender: &BareJid, recipient: &BareJid) {
     let ours = |c: &Element| {
         c.is("stanza-id", SID)
+            // Lenient on purpose: this only decides what to strip, and a `by` that merely
+            // prepares to one of ours is stripped too.
             && c.attr("by")
                 .and_then(|by| Jid::new(by).ok())
                 .is_some_and(|by| {
@@ -368,6 +370,7 @@ fn involves(m: &ArchivedMessage, full: &FullJid) -> bool {
     let Ok(el) = m.stanza.parse::<Element>() else {
         return false;
     };
+    // An archived stanza: its addresses were checked when it was routed.
     ["from", "to"].iter().any(|a| {
         el.attr(*a)
             .and_then(|v| Jid::new(v).ok())
@@ -589,9 +592,10 @@ pub fn parse_query(query: &Element) -> Result<Query, StanzaError> {
                 "with" => {
                     q.with = match value(field) {
                         None => None,
-                        Some(v) => {
-                            Some(Jid::new(v.trim()).map_err(|_| StanzaError::JidMalformed(None))?)
-                        }
+                        Some(v) => Some(
+                            crate::stanza::parse_jid(v.trim())
+                                .map_err(|e| StanzaError::JidMalformed(Some(e)))?,
+                        ),
                     }
                 }
                 "start" => q.start = date(field, var)?,
@@ -812,7 +816,8 @@ pub fn parse_prefs(el: &Element) -> Result<ArchivePrefs, StanzaError> {
             .into_iter()
             .flat_map(|l| l.children().filter(|c| c.is("jid", NS)))
         {
-            let jid = Jid::new(j.text().trim()).map_err(|_| StanzaError::JidMalformed(None))?;
+            let jid = crate::stanza::parse_jid(j.text().trim())
+                .map_err(|e| StanzaError::JidMalformed(Some(e)))?;
             if !out.iter().any(|o| o == jid.as_str()) {
                 out.push(jid.to_string());
             }
@@ -1586,6 +1591,18 @@ mod tests {
         assert_eq!(
             raw_query(&h, "a/r", "", &bad).await.err().as_deref(),
             Some("item-not-found")
+        );
+    }
+
+    /// Issue 7: a `with` filter not stable under preparation (℻ → FAX → fax) is refused.
+    #[tokio::test]
+    async fn with_filter_with_an_unstable_jid_is_jid_malformed() {
+        let h = host(&["a"]);
+        h.bind("a/r");
+        let q = form_xml(&[("with", "\u{213b}@example.com")]);
+        assert_eq!(
+            raw_query(&h, "a/r", "", &q).await.err().as_deref(),
+            Some("jid-malformed")
         );
     }
 

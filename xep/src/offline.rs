@@ -186,6 +186,7 @@ pub enum Rerouted {
 /// answered with `service-unavailable` on the session's behalf; presence is state that the
 /// session's end updates anyway.
 pub async fn reroute(host: &dyn Host, session: &FullJid, el: Element) -> Rerouted {
+    // `from` was stamped by the router (or a module) before the stanza was queued.
     let sender = el.attr("from").and_then(|f| jid::Jid::new(f).ok());
     let bounce = |el: &Element| {
         let to = el.attr("from").unwrap_or_default().to_string();

@@ -115,6 +115,7 @@ fn contacts(items: &[RosterItem], pred: impl Fn(&RosterItem) -> bool) -> Vec<Bar
     items
         .iter()
         .filter(|i| pred(i))
+        // Roster items come from our store: their JIDs were checked by the roster set.
         .filter_map(|i| match BareJid::new(&i.jid) {
             Ok(j) => Some(j),
             Err(e) => {

@@ -49,7 +49,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use jid::{BareJid, FullJid, Jid};
+use jid::{BareJid, FullJid};
 use minidom::Element;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -136,9 +136,9 @@ fn service_jid(el: &Element) -> Result<String, IqReply> {
     let raw = el
         .attr("jid")
         .ok_or_else(|| bad("the push service's 'jid' is missing"))?;
-    Jid::new(raw)
+    crate::stanza::parse_jid(raw)
         .map(|j| j.to_string())
-        .map_err(|_| IqReply::Error(StanzaError::JidMalformed(None)))
+        .map_err(|e| IqReply::Error(StanzaError::JidMalformed(Some(e))))
 }
 
 /// The FORM_TYPE of a data form.
@@ -692,6 +692,20 @@ mod tests {
             IqReply::Error(e) => e.condition(),
             r => panic!("expected an error, got {r:?}"),
         }
+    }
+
+    /// Issue 7: a push service JID not stable under preparation is jid-malformed.
+    #[tokio::test]
+    async fn enable_with_an_unstable_jid_is_jid_malformed() {
+        let h = host();
+        h.bind("b/r");
+        let r = h
+            .iq(
+                "b/r",
+                "<iq type='set' id='e'><enable xmlns='urn:xmpp:push:0' jid='\u{213b}@example.org' node='n'/></iq>",
+            )
+            .await;
+        assert_eq!(err(r), "jid-malformed");
     }
 
     async fn enable_app(h: &TestHost, node: &str) {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use jid::{BareJid, Jid};
+use jid::BareJid;
 use minidom::Element;
 
 use crate::host::{Host, RosterItem, StoreResult};
@@ -201,7 +201,7 @@ fn contact_of(item: &Element, user: &BareJid) -> Result<BareJid, StanzaError> {
     let raw = item
         .attr("jid")
         .ok_or_else(|| StanzaError::BadRequest(Some("item without jid".into())))?;
-    let jid = Jid::new(raw).map_err(|_| StanzaError::JidMalformed(None))?;
+    let jid = crate::stanza::parse_jid(raw).map_err(|e| StanzaError::JidMalformed(Some(e)))?;
     let contact = BareJid::try_from(jid)
         .map_err(|_| StanzaError::BadRequest(Some("roster items are bare JIDs".into())))?;
     if &contact == user {
@@ -330,6 +330,19 @@ mod tests {
         ok(h.iq(jid, GET).await);
         h.presence(jid, "<presence/>").await;
         h.take();
+    }
+
+    /// Issue 7: ℻ prepares to FAX, then to fax; such a contact is jid-malformed, not stored.
+    #[tokio::test]
+    async fn set_with_an_unstable_jid_is_jid_malformed() {
+        let h = TestHost::new(&["a", "b"]);
+        h.bind("a/r");
+        let r = h
+            .iq("a/r", &set_iq("<item jid='\u{213b}@example.com'/>"))
+            .await;
+        assert_eq!(err(r), "jid-malformed");
+        let roster = ok(h.iq("a/r", GET).await).expect("a roster");
+        assert_eq!(roster.children().count(), 0, "nothing stored");
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! The stanza as the router and modules see it: the raw element (routed as sent, so unknown
 //! attributes and payloads survive) plus a small parsed header.
 
-use jid::Jid;
+use jid::{BareJid, FullJid, Jid, ResourcePart};
 use minidom::Element;
 
 use crate::ns;
@@ -230,10 +230,46 @@ pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
 /// prints as another one's. RFC 7622 (PRECIS IdentifierClass, IDNA2008 for domains) refuses
 /// such characters, and so does this.
 pub fn parse_jid(s: &str) -> Result<Jid, String> {
-    let jid = Jid::new(s).map_err(|e| e.to_string())?;
+    let jid = Jid::new(s).map_err(|e| format!("the JID {s:?} is not valid: {e}"))?;
     match Jid::new(&jid.to_string()) {
         Ok(again) if again == jid => Ok(jid),
-        _ => Err("characters outside RFC 7622's classes (not stable under preparation)".into()),
+        _ => Err(format!(
+            "the JID {s:?} contains characters outside RFC 7622's classes (not stable under preparation)"
+        )),
+    }
+}
+
+/// [`parse_jid`] for an address that must be bare (`node@domain` or `domain`, no resource).
+pub fn parse_bare_jid(s: &str) -> Result<BareJid, String> {
+    match parse_jid(s)?.try_into_full() {
+        Err(b) => Ok(b),
+        Ok(_) => Err(format!(
+            "the JID {s:?} has a resource; a bare JID is expected here"
+        )),
+    }
+}
+
+/// [`parse_jid`] for an address that must be full (`node@domain/resource` or `domain/resource`).
+pub fn parse_full_jid(s: &str) -> Result<FullJid, String> {
+    match parse_jid(s)?.try_into_full() {
+        Ok(f) => Ok(f),
+        Err(_) => Err(format!(
+            "the JID {s:?} has no resource; a full JID is expected here"
+        )),
+    }
+}
+
+/// A resourcepart from outside (resource binding, an API), checked like [`parse_jid`]: it must
+/// be valid and prepare to itself, so the bound JID prints as what it is.
+pub fn parse_resource(s: &str) -> Result<ResourcePart, String> {
+    let r = ResourcePart::new(s)
+        .map_err(|e| format!("the resource {s:?} is not valid: {e}"))?
+        .into_owned();
+    match ResourcePart::new(r.as_str()) {
+        Ok(again) if *again == *r => Ok(r),
+        _ => Err(format!(
+            "the resource {s:?} contains characters outside RFC 7622's classes (not stable under preparation)"
+        )),
     }
 }
 
@@ -242,10 +278,45 @@ mod parse_jid_tests {
     #[test]
     fn unstable_preparation_is_refused() {
         for s in ["\u{213b}@example.com", "a@\u{213b}", "\u{213b}/y@@xe"] {
-            assert!(super::parse_jid(s).is_err(), "{s}");
+            let e = super::parse_jid(s).unwrap_err();
+            assert!(e.contains(s), "{e}");
         }
+        let e = super::parse_jid("\u{213b}@example.com").unwrap_err();
+        assert!(e.contains("outside RFC 7622"), "{e}");
         let j = super::parse_jid("Juliet@Example.COM/Balcony").unwrap();
         assert_eq!(j.to_string(), "juliet@example.com/Balcony");
+    }
+
+    #[test]
+    fn bare_and_full() {
+        let b = super::parse_bare_jid("Juliet@Example.COM").unwrap();
+        assert_eq!(b.to_string(), "juliet@example.com");
+        assert!(super::parse_bare_jid("example.com").is_ok());
+        assert!(super::parse_bare_jid("juliet@example.com/r").is_err());
+        assert!(super::parse_bare_jid("\u{213b}@example.com").is_err());
+        assert!(super::parse_bare_jid("").is_err());
+        let f = super::parse_full_jid("juliet@example.com/Balcony").unwrap();
+        assert_eq!(f.resource().as_str(), "Balcony");
+        assert!(super::parse_full_jid("juliet@example.com").is_err());
+        assert!(super::parse_full_jid("\u{213b}@example.com/r").is_err());
+        // As a resource ℻ prepares stably (no case folding after it), so it is accepted.
+        assert!(super::parse_full_jid("a@example.com/\u{213b}").is_ok());
+    }
+
+    #[test]
+    fn resources() {
+        assert_eq!(
+            super::parse_resource("Balcony").unwrap().as_str(),
+            "Balcony"
+        );
+        assert!(super::parse_resource("").is_err());
+        assert!(
+            super::parse_resource("a/b").is_ok(),
+            "a slash is allowed in a resource"
+        );
+        // Whatever ℻ prepares to as a resource, that is stable.
+        let r = super::parse_resource("\u{213b}").unwrap();
+        assert_eq!(super::parse_resource(r.as_str()).unwrap(), r);
     }
 }
 

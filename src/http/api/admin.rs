@@ -43,8 +43,7 @@ fn command_error(e: anyhow::Error) -> ApiError {
 
 /// A served account's JID from a path, normalised.
 fn account(server: &Server, raw: &str) -> Result<BareJid, ApiError> {
-    let jid =
-        BareJid::new(raw).map_err(|e| ApiError::invalid(format!("{raw:?} is not a JID: {e}")))?;
+    let jid = halyard_xep::stanza::parse_bare_jid(raw).map_err(ApiError::invalid)?;
     if jid.node().is_none()
         || !server
             .config
@@ -177,8 +176,7 @@ pub async fn kick(
     Path((raw, resource)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let jid = existing(&st.server, &raw).await?;
-    let res = jid::ResourcePart::new(&resource)
-        .map_err(|e| ApiError::invalid(format!("{resource:?} is not a resource: {e}")))?;
+    let res = halyard_xep::stanza::parse_resource(&resource).map_err(ApiError::invalid)?;
     let full = FullJid::from_parts(jid.node(), jid.domain(), &res);
     let closed = st.server.sessions.close(
         &full,

@@ -131,6 +131,7 @@ async fn authenticate(parts: &Parts, st: &HttpState) -> Result<Principal, ApiErr
     match rec.owner {
         None => Ok(Principal::Admin { hash: Some(hash) }),
         Some(o) => {
+            // Stored by us at login, from an account JID that was checked then.
             let jid = BareJid::new(&o)
                 .map_err(|e| ApiError::internal("a stored token names a bad JID", e))?;
             Ok(Principal::User { jid, hash })
@@ -197,9 +198,9 @@ pub struct LoginRequest {
 /// The account `username` names: `user` on the primary domain, or `user@domain` on a served one.
 fn account_for(st: &HttpState, username: &str) -> Option<BareJid> {
     let jid = if username.contains('@') {
-        BareJid::new(username).ok()?
+        halyard_xep::stanza::parse_bare_jid(username).ok()?
     } else {
-        BareJid::new(&format!("{username}@{}", st.server.domain())).ok()?
+        halyard_xep::stanza::parse_bare_jid(&format!("{username}@{}", st.server.domain())).ok()?
     };
     let served = st
         .server

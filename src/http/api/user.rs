@@ -201,7 +201,7 @@ pub async fn history(
     let with = q
         .with
         .as_deref()
-        .map(|w| BareJid::new(w.trim()))
+        .map(|w| halyard_xep::stanza::parse_bare_jid(w.trim()))
         .transpose()
         .map_err(|e| ApiError::invalid(format!("with is not a JID: {e}")))?;
     let range = range(&st.server, &me.jid, &q).await?;
@@ -240,8 +240,8 @@ pub(super) async fn check_message(
     m: &SendMessage,
     default_kind: &str,
 ) -> Result<(Jid, String), ApiError> {
-    let to =
-        Jid::new(m.to.trim()).map_err(|e| ApiError::invalid(format!("to is not a JID: {e}")))?;
+    let to = halyard_xep::stanza::parse_jid(m.to.trim())
+        .map_err(|e| ApiError::invalid(format!("to is not a JID: {e}")))?;
     let kind = m.kind.clone().unwrap_or_else(|| default_kind.to_string());
     if !matches!(kind.as_str(), "chat" | "normal" | "headline") {
         return Err(ApiError::invalid("type must be chat, normal or headline"));
