@@ -334,21 +334,15 @@ impl AppServer {
         if !self.enabled {
             return;
         }
-        match jid::BareJid::new(&self.domain_for(primary)) {
-            Ok(j) if j.node().is_none() => {
-                let d = j.domain().to_string();
-                if served.contains(&d) {
-                    out.push(format!("appserver.domain {d:?} is one of `domains`: the app server needs an address of its own, e.g. \"push.{primary}\""));
-                }
-                if !self.domain.is_empty() {
-                    self.domain = d;
-                }
-            }
-            _ => out.push(format!(
-                "appserver.domain {:?} is not a valid domain name: use e.g. \"push.{primary}\"",
-                self.domain
-            )),
-        }
+        let effective = self.domain_for(primary);
+        check_component_domain(
+            &mut self.domain,
+            &effective,
+            ("appserver", "the app server", "push"),
+            primary,
+            served,
+            out,
+        );
         if self.timeout_secs == 0 {
             out.push("appserver.timeout_secs must be at least 1".into());
         }
@@ -406,7 +400,7 @@ pub struct Upload {
     pub slots_per_minute: u32,
     /// Uploaded files are deleted this long after the upload (`"30d"`, `"12h"`, ...); `"off"`
     /// keeps them until the account is removed.
-    #[serde(deserialize_with = "duration_secs")]
+    #[serde(deserialize_with = "halyard_xep::host::duration_secs")]
     pub expire_after: u64,
     /// Seconds a slot's PUT URL stays valid.
     pub slot_validity_secs: u64,
@@ -446,17 +440,31 @@ impl Default for Upload {
     }
 }
 
-/// A duration written as `"30d"`, `"12h"`, a number of seconds, or `"off"` (0).
-fn duration_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        N(u64),
-        S(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::N(n) => Ok(n),
-        Raw::S(s) => halyard_xep::host::parse_duration_secs(&s).map_err(serde::de::Error::custom),
+/// Checks a component's address (`effective`: the configured `domain`, or the default built from
+/// the primary domain): a domain name of its own, not one of the served `domains`. A configured
+/// domain is replaced by its normalised form. `names`: the config section, what the component is
+/// called in messages, and the default label (`push` for `push.<primary>`).
+fn check_component_domain(
+    domain: &mut String,
+    effective: &str,
+    (section, what, label): (&str, &str, &str),
+    primary: &str,
+    served: &[String],
+    out: &mut Vec<String>,
+) {
+    match jid::BareJid::new(effective) {
+        Ok(j) if j.node().is_none() => {
+            let d = j.domain().to_string();
+            if served.contains(&d) {
+                out.push(format!("{section}.domain {d:?} is one of `domains`: {what} needs an address of its own, e.g. \"{label}.{primary}\""));
+            }
+            if !domain.is_empty() {
+                *domain = d;
+            }
+        }
+        _ => out.push(format!(
+            "{section}.domain {domain:?} is not a valid domain name: use e.g. \"{label}.{primary}\""
+        )),
     }
 }
 
@@ -474,21 +482,15 @@ impl Upload {
         if !self.enabled {
             return;
         }
-        match jid::BareJid::new(&self.domain_for(primary)) {
-            Ok(j) if j.node().is_none() => {
-                let d = j.domain().to_string();
-                if served.contains(&d) {
-                    out.push(format!("upload.domain {d:?} is one of `domains`: the upload service needs an address of its own, e.g. \"upload.{primary}\""));
-                }
-                if !self.domain.is_empty() {
-                    self.domain = d;
-                }
-            }
-            _ => out.push(format!(
-                "upload.domain {:?} is not a valid domain name: use e.g. \"upload.{primary}\"",
-                self.domain
-            )),
-        }
+        let effective = self.domain_for(primary);
+        check_component_domain(
+            &mut self.domain,
+            &effective,
+            ("upload", "the upload service", "upload"),
+            primary,
+            served,
+            out,
+        );
         if self.max_file_size == 0 {
             out.push("upload.max_file_size must be at least 1 (bytes)".into());
         }

@@ -226,7 +226,9 @@ pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
     Ok(n.saturating_mul(mult))
 }
 
-fn duration_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+/// Deserializes a duration written as `"30d"`, `"12h"`, a number of seconds, or `"off"` (0)
+/// (`parse_duration_secs`); the server's configuration uses it too.
+pub fn duration_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
