@@ -40,6 +40,8 @@ pub struct Config {
     pub auth: Auth,
     pub http: Http,
     pub storage: Storage,
+    /// RFC 6121 rosters.
+    pub roster: halyard_xep::host::RosterSettings,
     /// XEP-0313 message archive.
     pub archive: halyard_xep::host::ArchiveSettings,
     /// XEP-0160 offline messages.
@@ -63,6 +65,76 @@ pub struct Config {
     pub bosh: Bosh,
     /// XEP-0363 HTTP file upload (`upload.<domain>`).
     pub upload: Upload,
+    /// Connections per address and in total, new connections per second, read rates.
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: abuse limits beyond one stanza's shape (see `crate::limits`). 0 turns a limit
+/// off, except `max_connections`, where 0 means "the open-file limit less a reserve".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections open at once on all listeners; beyond it new ones are refused with
+    /// `resource-constraint`. 0: the process's open-file limit less 256 (for the store, logs and
+    /// admin connections), so that the server refuses cleanly instead of failing to accept.
+    pub max_connections: usize,
+    /// Connections open at once from one IPv4 address or IPv6 /64; beyond it new ones are refused
+    /// with `policy-violation`. High by default: a mobile carrier's NAT or a load test puts
+    /// thousands of users behind one address.
+    pub connections_per_ip: u32,
+    /// New connections per second from one address, after a burst of `new_connections_burst`.
+    pub new_connections_per_ip_per_sec: u32,
+    pub new_connections_burst: u32,
+    /// Bytes per second one bound session is read at, after a burst of `read_burst_bytes`; a
+    /// faster sender is read more slowly (TCP pushes back), not disconnected.
+    pub read_bytes_per_sec: u64,
+    pub read_burst_bytes: u64,
+    /// Stanzas per second one bound session is read at, after a burst of `stanza_burst`.
+    pub stanzas_per_sec: u32,
+    pub stanza_burst: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 0,
+            connections_per_ip: 10_000,
+            new_connections_per_ip_per_sec: 200,
+            new_connections_burst: 10_000,
+            read_bytes_per_sec: 256 * 1024,
+            read_burst_bytes: 1024 * 1024,
+            stanzas_per_sec: 1_000,
+            stanza_burst: 5_000,
+        }
+    }
+}
+
+/// Reserve of file descriptors kept out of `max_connections = 0`.
+const FD_RESERVE: usize = 256;
+
+impl LimitsConfig {
+    /// `max_connections`, with 0 resolved against the process's open-file limit (read from
+    /// `/proc/self/limits`; no limit when it cannot be read).
+    pub fn effective_max_connections(&self) -> usize {
+        if self.max_connections > 0 {
+            return self.max_connections;
+        }
+        match open_file_limit() {
+            Some(n) => n.saturating_sub(FD_RESERVE).max(1),
+            None => 0,
+        }
+    }
+}
+
+/// The soft open-file limit of this process (Linux), without a libc binding.
+fn open_file_limit() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// `[api]`: the HTTP API (`/api/v1`) on the HTTP and HTTPS listeners.
@@ -224,6 +296,9 @@ pub struct AppServer {
     pub max_in_flight: usize,
     /// Devices one account may register.
     pub max_devices_per_account: usize,
+    /// Notifications one device is sent per minute; a publish beyond it gets
+    /// `resource-constraint` (the publishing server retries later). 0: no limit.
+    pub max_per_device_per_minute: u32,
     /// A PEM file of extra CA certificates trusted for provider connections (besides the
     /// system's), e.g. a corporate proxy's or a test stand-in's. Empty: none.
     pub extra_ca_file: PathBuf,
@@ -284,6 +359,7 @@ impl Default for AppServer {
             timeout_secs: 10,
             max_in_flight: 256,
             max_devices_per_account: 20,
+            max_per_device_per_minute: 30,
             extra_ca_file: PathBuf::new(),
             fcm: Fcm::default(),
             apns: Apns::default(),
@@ -548,6 +624,10 @@ pub struct C2s {
     pub max_stanza_bytes: usize,
     /// Deepest element nesting inside a stanza.
     pub max_depth: usize,
+    /// Most attributes on one element (namespace declarations included).
+    pub max_attributes: usize,
+    /// Longest attribute value, in bytes as sent.
+    pub max_attribute_bytes: usize,
     /// Seconds a connection may take to authenticate and bind.
     pub preauth_timeout_secs: u64,
     /// Bytes a connection may send before it has authenticated.
@@ -574,7 +654,10 @@ pub struct Auth {
     pub max_failures_per_connection: u32,
     /// Failures from one IP address per minute before each further attempt is delayed.
     pub failures_per_minute_per_ip: u32,
-    /// The cap on that delay, in milliseconds.
+    /// Failures for one account per hour, from any address, before each further attempt on it
+    /// is delayed (doubling): slows down guessing spread over many addresses. Never a lockout.
+    pub failures_per_hour_per_account: u32,
+    /// The cap on those delays, in milliseconds.
     pub max_delay_ms: u64,
     /// Offer PLAIN (only ever over TLS).
     pub allow_plain: bool,
@@ -606,6 +689,7 @@ impl Default for Config {
             auth: Auth::default(),
             http: Http::default(),
             storage: Storage::default(),
+            roster: Default::default(),
             archive: Default::default(),
             offline: Default::default(),
             stream_management: Default::default(),
@@ -617,6 +701,7 @@ impl Default for Config {
             web: Web::default(),
             bosh: Bosh::default(),
             upload: Upload::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -639,6 +724,8 @@ impl Default for C2s {
             require_tls: true,
             max_stanza_bytes: 256 * 1024,
             max_depth: 32,
+            max_attributes: 64,
+            max_attribute_bytes: 4096,
             preauth_timeout_secs: 30,
             preauth_max_bytes: 64 * 1024,
             idle_timeout_secs: 300,
@@ -656,6 +743,7 @@ impl Default for Auth {
             scram_iterations: 4096,
             max_failures_per_connection: 5,
             failures_per_minute_per_ip: 10,
+            failures_per_hour_per_account: 30,
             max_delay_ms: 2000,
             allow_plain: true,
         }
@@ -768,6 +856,27 @@ impl Config {
         if self.c2s.max_depth < 4 {
             problems
                 .push("c2s.max_depth must be at least 4, or ordinary stanzas are refused".into());
+        }
+        if self.c2s.max_attributes < 8 {
+            problems.push(
+                "c2s.max_attributes must be at least 8, or ordinary stanzas are refused".into(),
+            );
+        }
+        if self.c2s.max_attribute_bytes < 3071 {
+            problems.push(
+                "c2s.max_attribute_bytes must be at least 3071, the longest JID (RFC 7622 §3.1)"
+                    .into(),
+            );
+        }
+        let l = &self.limits;
+        if l.new_connections_per_ip_per_sec > 0 && l.new_connections_burst == 0 {
+            problems.push("limits.new_connections_burst must be at least 1 when limits.new_connections_per_ip_per_sec is set".into());
+        }
+        if l.read_bytes_per_sec > 0 && l.read_burst_bytes < self.c2s.max_stanza_bytes as u64 {
+            problems.push(format!(
+                "limits.read_burst_bytes = {} is below c2s.max_stanza_bytes = {}: set it at least that high, or one large stanza stalls its session",
+                l.read_burst_bytes, self.c2s.max_stanza_bytes
+            ));
         }
         if self.c2s.outbound_queue == 0 {
             problems.push("c2s.outbound_queue must be at least 1".into());

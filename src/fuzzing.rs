@@ -57,6 +57,8 @@ pub fn stream_reader(data: &[u8]) {
     let limits = Limits {
         max_stanza_bytes: [10_000, 64, 300, 256 * 1024][usize::from(sel & 3)],
         max_depth: [32, 1, 3, 8][usize::from((sel >> 2) & 3)],
+        max_attributes: [64, 2][usize::from((sel >> 4) & 1)],
+        max_attribute_bytes: [4096, 16][usize::from((sel >> 5) & 1)],
     };
     let n = usize::from(take_byte(&mut data) & 15).min(data.len());
     let (sizes, stream) = data.split_at(n);
@@ -130,11 +132,15 @@ pub fn framing(data: &[u8]) {
         Limits {
             max_stanza_bytes: 256 * 1024,
             max_depth: 32,
+            max_attributes: 64,
+            max_attribute_bytes: 4096,
         }
     } else {
         Limits {
             max_stanza_bytes: 200,
             max_depth: 3,
+            max_attributes: 4,
+            max_attribute_bytes: 32,
         }
     };
     if sel & 1 == 0 {

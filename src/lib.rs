@@ -29,6 +29,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod limits;
 pub mod listener;
 pub mod maintenance;
 pub mod router;

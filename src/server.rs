@@ -1,16 +1,16 @@
 //! The node's shared state, and the core's side of the module contract ([`Host`]).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use halyard_xep::host::{
     ArchiveStore, Host, LastActivityStore, ModuleSettings, OfflineStore, PushStore, ResourceInfo,
     RosterStore, StoreResult,
 };
+use halyard_xep::rate::Windows;
 use halyard_xep::Registry;
 use halyard_xep::Stanza;
 use jid::{BareJid, FullJid, Jid};
@@ -35,6 +35,8 @@ pub struct Server {
     /// Secret for SCRAM's fake salts, so an unknown user looks like a wrong password.
     pub fake_salt_secret: [u8; 32],
     pub auth_throttle: AuthThrottle,
+    /// Connections per address and in total ([limits]).
+    pub conn_limiter: Arc<crate::limits::ConnLimiter>,
     conn_ids: AtomicU64,
     /// Live connections (negotiating or bound), for shutdown.
     pub connections: AtomicU64,
@@ -105,9 +107,12 @@ impl Server {
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut secret);
         let auth_throttle = AuthThrottle::new(
             config.auth.failures_per_minute_per_ip,
+            config.auth.failures_per_hour_per_account,
             config.auth.max_delay_ms,
         );
+        let conn_limiter = crate::limits::ConnLimiter::new(&config.limits);
         let settings = ModuleSettings {
+            roster: config.roster.clone(),
             archive: config.archive.clone(),
             offline: config.offline.clone(),
             push: config.push.clone(),
@@ -122,6 +127,7 @@ impl Server {
             caps,
             fake_salt_secret: secret,
             auth_throttle,
+            conn_limiter,
             conn_ids: AtomicU64::new(1),
             connections: AtomicU64::new(0),
             shutdown,
@@ -289,57 +295,58 @@ impl Host for Server {
     }
 }
 
-/// Slows down password guessing per IP address: up to `per_minute` failures in a minute pass
-/// without delay; beyond that each attempt waits twice as long as the last, up to `max_delay`.
-/// There is deliberately no per-account lockout: it would let anyone lock a user out.
+/// Slows down password guessing. Per IP address: up to `per_minute` failures in a minute pass
+/// without delay; beyond that each failure is answered twice as late as the last, up to
+/// `max_delay`. Per account, from any address: the same over an hour with `per_hour_account`,
+/// which slows guessing spread over many addresses. The failure's answer waits for the larger
+/// of the two delays (parallel connections each wait theirs, so the connection limits bound how
+/// many guesses are in flight). There is deliberately no lockout: it would let anyone lock a
+/// user out.
 pub struct AuthThrottle {
     per_minute: u32,
+    per_hour_account: u32,
     max_delay: Duration,
-    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    by_ip: Windows<IpAddr>,
+    by_account: Windows<String>,
 }
 
 impl AuthThrottle {
-    pub fn new(per_minute: u32, max_delay_ms: u64) -> Self {
+    pub fn new(per_minute: u32, per_hour_account: u32, max_delay_ms: u64) -> Self {
         AuthThrottle {
             per_minute,
+            per_hour_account,
             max_delay: Duration::from_millis(max_delay_ms),
-            failures: Mutex::new(HashMap::new()),
+            by_ip: Windows::new(Duration::from_secs(60)),
+            by_account: Windows::new(Duration::from_secs(3600)),
         }
     }
 
-    /// Records a failure and returns how long to wait before answering it.
-    pub fn failure(&self, ip: IpAddr) -> Duration {
-        let now = Instant::now();
-        let mut map = match self.failures.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        if map.len() > 100_000 {
-            map.retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(60));
-        }
-        let e = map.entry(ip).or_insert((now, 0));
-        if now.duration_since(e.0) >= Duration::from_secs(60) {
-            *e = (now, 0);
-        }
-        e.1 += 1;
-        let over = e.1.saturating_sub(self.per_minute);
-        if over == 0 {
+    fn delay_over(&self, count: u32, allowed: u32) -> Duration {
+        let over = count.saturating_sub(allowed);
+        if over == 0 || allowed == 0 {
             return Duration::ZERO;
         }
         let ms = 100u64.saturating_mul(1u64 << over.min(20));
         Duration::from_millis(ms).min(self.max_delay)
     }
 
+    /// Records a failure from `ip`, naming `account` when the attempt named one (known or not),
+    /// and returns how long to wait before answering it.
+    pub fn failure(&self, ip: IpAddr, account: Option<&str>) -> Duration {
+        let by_ip = self.by_ip.count(crate::limits::address_key(ip));
+        let mut delay = self.delay_over(by_ip, self.per_minute);
+        if let Some(a) = account {
+            let n = self.by_account.count(a.to_owned());
+            delay = delay.max(self.delay_over(n, self.per_hour_account));
+        }
+        delay
+    }
+
     /// How long `ip` must wait before it may try again, when it has used up this minute's
     /// failures (the HTTP API answers 429 with this as Retry-After instead of delaying).
     pub fn retry_after(&self, ip: IpAddr) -> Option<Duration> {
-        let map = match self.failures.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        let (since, n) = map.get(&ip)?;
-        let left = Duration::from_secs(60).checked_sub(since.elapsed())?;
-        (*n >= self.per_minute && !left.is_zero()).then_some(left)
+        let (n, left) = self.by_ip.peek(&crate::limits::address_key(ip))?;
+        (self.per_minute > 0 && n >= self.per_minute).then_some(left)
     }
 }
 
@@ -354,20 +361,48 @@ mod tests {
 
     #[test]
     fn throttle_grows_and_caps() {
-        let t = AuthThrottle::new(2, 2000);
+        let t = AuthThrottle::new(2, 100, 2000);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        assert_eq!(t.failure(ip), Duration::ZERO);
-        assert_eq!(t.failure(ip), Duration::ZERO);
-        let d1 = t.failure(ip);
-        let d2 = t.failure(ip);
+        assert_eq!(t.failure(ip, None), Duration::ZERO);
+        assert_eq!(t.failure(ip, None), Duration::ZERO);
+        let d1 = t.failure(ip, None);
+        let d2 = t.failure(ip, None);
         assert!(d1 > Duration::ZERO && d2 > d1);
         for _ in 0..30 {
-            assert!(t.failure(ip) <= Duration::from_millis(2000));
+            assert!(t.failure(ip, None) <= Duration::from_millis(2000));
         }
         let other: IpAddr = "10.0.0.2".parse().unwrap();
         assert!(t.retry_after(ip).is_some());
         assert_eq!(t.retry_after(other), None);
-        assert_eq!(t.failure(other), Duration::ZERO);
+        assert_eq!(t.failure(other, None), Duration::ZERO);
         assert_eq!(t.retry_after(other), None, "under the limit");
+    }
+
+    #[test]
+    fn guessing_one_account_from_many_addresses_is_slowed() {
+        let t = AuthThrottle::new(5, 3, 2000);
+        let mut delays = Vec::new();
+        for i in 0..6u8 {
+            let ip = IpAddr::from([10, 1, 0, i]);
+            delays.push(t.failure(ip, Some("alice@example.com")));
+        }
+        assert_eq!(&delays[..3], &[Duration::ZERO; 3]);
+        assert!(delays[3] > Duration::ZERO && delays[4] > delays[3] && delays[5] > delays[4]);
+        // Another account from the same addresses is not slowed.
+        assert_eq!(
+            t.failure(IpAddr::from([10, 1, 0, 0]), Some("bob@example.com")),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn zero_turns_a_window_off() {
+        let t = AuthThrottle::new(0, 0, 2000);
+        for _ in 0..50 {
+            assert_eq!(
+                t.failure(IpAddr::from([10, 0, 0, 9]), Some("a@b")),
+                Duration::ZERO
+            );
+        }
     }
 }

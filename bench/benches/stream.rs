@@ -15,6 +15,8 @@ fn limits() -> Limits {
     Limits {
         max_stanza_bytes: c2s.max_stanza_bytes,
         max_depth: c2s.max_depth,
+        max_attributes: c2s.max_attributes,
+        max_attribute_bytes: c2s.max_attribute_bytes,
     }
 }
 

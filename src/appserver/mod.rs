@@ -248,6 +248,9 @@ struct Inner {
     apns: Option<apns::Apns>,
     webhook: Option<webhook::Webhook>,
     in_flight: Arc<Semaphore>,
+    /// Notifications per device (push node) in the current minute.
+    per_device: halyard_xep::rate::Windows<String>,
+    per_device_limit: u32,
 }
 
 pub struct AppServer {
@@ -290,6 +293,8 @@ impl AppServer {
                 apns,
                 webhook,
                 in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
+                per_device: halyard_xep::rate::Windows::new(std::time::Duration::from_secs(60)),
+                per_device_limit: cfg.max_per_device_per_minute,
             }),
             host: OnceLock::new(),
         })
@@ -688,6 +693,24 @@ impl Component for AppServer {
                         return;
                     }
                 };
+                if let Err(left) = me.per_device.admit(reg.node.clone(), me.per_device_limit) {
+                    tracing::info!(node = %publish.node, "push refused: device over its rate");
+                    let text = format!(
+                        "notifications to one device are limited to {} per minute \
+                         (appserver.max_per_device_per_minute): retry in {} s",
+                        me.per_device_limit,
+                        left.as_secs() + 1
+                    );
+                    host.route(iq_error(
+                        &st,
+                        "resource-constraint",
+                        "wait",
+                        Some(&text),
+                        None,
+                    ))
+                    .await;
+                    return;
+                }
                 let Ok(permit) = me.in_flight.clone().try_acquire_owned() else {
                     tracing::warn!(node = %publish.node, "too many push deliveries in progress");
                     host.route(iq_error(

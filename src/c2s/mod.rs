@@ -29,12 +29,23 @@ use crate::sessions::Outbound;
 use crate::stream::{writer, StreamError, StreamErrorKind, StreamEvent};
 pub use transport::{TcpTransport, Transport, TransportError};
 
+/// A failed SASL attempt: the condition, an optional text, and the account it named (counted
+/// by the per-account throttle, known or not).
+type AuthFailure = (&'static str, Option<String>, Option<BareJid>);
+
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// Runs one connection: negotiation in this task; once bound, the session continues in a task of
 /// its own whose future holds only the bound loop's state, so that an idle session costs as
 /// little memory as possible (negotiation's state is freed with this task).
-pub async fn run<T: Transport + 'static>(server: Arc<Server>, t: T) {
+/// `slot` is the connection's place under the connection limits (`None` for WebSocket and
+/// BOSH, whose HTTP connection holds it); it is given back when the connection closes, even if
+/// the session then waits to be resumed.
+pub async fn run<T: Transport + 'static>(
+    server: Arc<Server>,
+    t: T,
+    slot: Option<crate::limits::ConnSlot>,
+) {
     let conn_id = server.next_conn_id();
     let span = tracing::info_span!(
         "c2s",
@@ -51,6 +62,7 @@ pub async fn run<T: Transport + 'static>(server: Arc<Server>, t: T) {
         stream_id: String::new(),
         header_sent: false,
         _guard: guard,
+        _slot: slot,
     };
     match session.negotiate_phase().instrument(span.clone()).await {
         Some((mut session, Negotiated::Bound(full))) => {
@@ -64,6 +76,27 @@ pub async fn run<T: Transport + 'static>(server: Arc<Server>, t: T) {
             tokio::spawn(session.run_bound(b).instrument(span));
         }
         _ => {}
+    }
+}
+
+/// Tells a connection refused by a connection limit why: waits for its stream header, answers
+/// with ours (RFC 6120 §4.9.1.1 wants a header before the error) and the stream error, and
+/// closes. The caller bounds the time this may take.
+pub async fn refuse<T: Transport>(server: &Server, mut t: T, err: StreamError) {
+    let header = match t.next_event().await {
+        Ok(Some(StreamEvent::Open(h))) => h,
+        _ => {
+            t.close(None).await;
+            return;
+        }
+    };
+    let to = header.attr("to").map(|d| d.to_ascii_lowercase());
+    let domain = match to {
+        Some(d) if server.config.domains.contains(&d) => d,
+        _ => server.domain().to_owned(),
+    };
+    if t.open(&random_id(16), &domain, None).await.is_ok() {
+        t.close(Some(&err)).await;
     }
 }
 
@@ -100,6 +133,8 @@ struct Session<T> {
     /// RFC 6120 §4.9.1.1).
     header_sent: bool,
     _guard: ConnGuard,
+    /// Released with the connection (see [`run`]).
+    _slot: Option<crate::limits::ConnSlot>,
 }
 
 /// How negotiation ended.
@@ -472,14 +507,23 @@ impl<T: Transport> Session<T> {
                 self.server.metrics.logins.with_label_values(&["c2s"]).inc();
                 Ok(Some(jid))
             }
-            Err((cond, text)) => {
+            Err((cond, text, named)) => {
                 self.server
                     .metrics
                     .auth_failures
                     .with_label_values(&["c2s"])
                     .inc();
-                let delay = self.server.auth_throttle.failure(self.t.peer().ip());
-                tracing::info!(condition = cond, "authentication failed");
+                let named = named.map(|j| j.to_string());
+                let ip = self.t.peer().ip();
+                let delay = self.server.auth_throttle.failure(ip, named.as_deref());
+                // The span carries the address too; it is repeated for log scanners (fail2ban).
+                tracing::info!(
+                    condition = cond,
+                    %ip,
+                    account = named.as_deref().unwrap_or(""),
+                    delay_ms = delay.as_millis() as u64,
+                    "authentication failed"
+                );
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
@@ -508,24 +552,23 @@ impl<T: Transport> Session<T> {
         halyard_xep::stanza::parse_bare_jid(&format!("{username}@{domain}")).ok()
     }
 
-    async fn auth_plain(
-        &mut self,
-        msg: &[u8],
-        domain: &str,
-    ) -> Result<BareJid, (&'static str, Option<String>)> {
-        let creds = plain::parse(msg).map_err(|e| (e.condition(), None))?;
+    async fn auth_plain(&mut self, msg: &[u8], domain: &str) -> Result<BareJid, AuthFailure> {
+        let creds = plain::parse(msg).map_err(|e| (e.condition(), None, None))?;
         let jid = self
             .account_for(&creds.authcid, domain)
-            .ok_or(("not-authorized", None))?;
+            .ok_or(("not-authorized", None, None))?;
         if let Some(z) = creds.authzid.as_deref().filter(|z| !z.is_empty()) {
             if halyard_xep::stanza::parse_bare_jid(z).ok().as_ref() != Some(&jid) {
-                return Err(("invalid-authzid", None));
+                return Err(("invalid-authzid", None, Some(jid)));
             }
         }
-        let account = self.server.stores.accounts.get(&jid).await.map_err(|e| {
-            tracing::error!(error = %e, "account lookup failed");
-            ("temporary-auth-failure", None)
-        })?;
+        let account = match self.server.stores.accounts.get(&jid).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "account lookup failed");
+                return Err(("temporary-auth-failure", None, None));
+            }
+        };
         let hash = scram::Hash::Sha256;
         // An unknown user is checked against fake credentials so the reply takes as long.
         let stored = match account.as_ref().and_then(|a| a.credentials(hash)) {
@@ -539,11 +582,11 @@ impl<T: Transport> Session<T> {
         };
         let ok = plain::verify(hash, &stored, &creds.password) && account.is_some();
         if !ok {
-            return Err(("not-authorized", None));
+            return Err(("not-authorized", None, Some(jid)));
         }
         self.send_el(&Element::bare("success", ns::SASL))
             .await
-            .map_err(|_| ("aborted", None))?;
+            .map_err(|_| ("aborted", None, None))?;
         Ok(jid)
     }
 
@@ -555,14 +598,14 @@ impl<T: Transport> Session<T> {
         mech: &str,
         initial: Vec<u8>,
         domain: &str,
-    ) -> Result<Result<BareJid, (&'static str, Option<String>)>, Negotiated> {
+    ) -> Result<Result<BareJid, AuthFailure>, Negotiated> {
         let Some((hash, plus)) = scram::parse_mechanism(mech) else {
-            return Ok(Err(("invalid-mechanism", None)));
+            return Ok(Err(("invalid-mechanism", None, None)));
         };
         let mut server = ScramServer::new(hash, plus, self.t.bindings());
         let first = match server.client_first(&initial) {
             Ok(f) => f,
-            Err(e) => return Ok(Err((e.condition(), Some(e.to_string())))),
+            Err(e) => return Ok(Err((e.condition(), Some(e.to_string()), None))),
         };
         let jid = self.account_for(&first.username, domain);
         let creds = match &jid {
@@ -570,7 +613,7 @@ impl<T: Transport> Session<T> {
                 Ok(a) => a.and_then(|a| a.credentials(hash).cloned()),
                 Err(e) => {
                     tracing::error!(error = %e, "account lookup failed");
-                    return Ok(Err(("temporary-auth-failure", None)));
+                    return Ok(Err(("temporary-auth-failure", None, None)));
                 }
             },
             None => None,
@@ -589,30 +632,31 @@ impl<T: Transport> Session<T> {
         let resp = match self.next_preauth().await? {
             Some(StreamEvent::Element(el)) if el.is("response", ns::SASL) => el,
             Some(StreamEvent::Element(el)) if el.is("abort", ns::SASL) => {
-                return Ok(Err(("aborted", None)))
+                return Ok(Err(("aborted", None, jid)))
             }
             Some(StreamEvent::Element(_)) => {
                 return Ok(Err((
                     "malformed-request",
                     Some("expected <response/>".into()),
+                    jid,
                 )))
             }
             _ => return Err(Negotiated::Closed(None)),
         };
         let Ok(final_msg) = decode_sasl(&resp.text()) else {
-            return Ok(Err(("incorrect-encoding", None)));
+            return Ok(Err(("incorrect-encoding", None, jid)));
         };
         let server_final = match server.client_final(&final_msg) {
             Ok(v) => v,
-            Err(e) => return Ok(Err((e.condition(), None))),
+            Err(e) => return Ok(Err((e.condition(), None, jid))),
         };
-        let (Some(jid), Some(_)) = (jid, creds) else {
+        let (Some(jid), Some(_)) = (jid.clone(), creds) else {
             // Unreachable in practice: an unknown user's proof cannot verify.
-            return Ok(Err(("not-authorized", None)));
+            return Ok(Err(("not-authorized", None, jid)));
         };
         if let Some(z) = first.authzid.as_deref().filter(|z| !z.is_empty()) {
             if halyard_xep::stanza::parse_bare_jid(z).ok().as_ref() != Some(&jid) {
-                return Ok(Err(("invalid-authzid", None)));
+                return Ok(Err(("invalid-authzid", None, Some(jid))));
             }
         }
         let ok = Element::builder("success", ns::SASL)
@@ -774,6 +818,10 @@ impl<T: Transport> Session<T> {
             rx,
             sm: None,
             held: None,
+            shaper: crate::limits::Shaper::new(
+                &crate::limits::ShaperRates::from_config(&server.config.limits),
+                std::time::Instant::now(),
+            ),
         })
     }
 
@@ -790,11 +838,25 @@ impl<T: Transport> Session<T> {
         let mut shutdown = server.shutdown.clone();
         let mut last_read = Instant::now();
         let mut ping_sent: Option<Instant> = None;
+        b.shaper.seen = self.t.bytes_in();
         let end: End = loop {
-            let mut wake = match ping_sent {
+            let idle_wake = match ping_sent {
                 Some(at) => at + c2s.ping_timeout(),
                 None => last_read + c2s.idle_timeout(),
             };
+            let mut wake = idle_wake;
+            // Over a read rate: read nothing until the debt is paid (TCP pushes back on the
+            // sender); our own queue is still written.
+            let throttled = b
+                .shaper
+                .ready_at(&crate::limits::ShaperRates::from_config(
+                    &server.config.limits,
+                ))
+                .map(Instant::from_std)
+                .filter(|t| *t > Instant::now());
+            if let Some(t) = throttled {
+                wake = wake.min(t);
+            }
             let r_due =
                 b.sm.as_ref()
                     .filter(|s| !s.unacked.is_empty())
@@ -821,7 +883,7 @@ impl<T: Transport> Session<T> {
                     None => Event::Shutdown,
                 },
                 out = b.rx.recv() => Event::Out(out),
-                ev = self.t.next_event() => Event::In(ev),
+                ev = self.t.next_event(), if throttled.is_none() => Event::In(ev),
                 _ = sleep_until(wake) => Event::Timer,
             };
             match event {
@@ -849,6 +911,11 @@ impl<T: Transport> Session<T> {
                     ping_sent = None;
                     match ev {
                         Ok(Some(StreamEvent::Element(el))) => {
+                            b.shaper.charge_read(
+                                &crate::limits::ShaperRates::from_config(&server.config.limits),
+                                self.t.bytes_in(),
+                                std::time::Instant::now(),
+                            );
                             if let Err(e) = Box::pin(self.handle_element(&mut b, el)).await {
                                 break e;
                             }
@@ -882,7 +949,7 @@ impl<T: Transport> Session<T> {
                         }
                         continue;
                     }
-                    if now < wake {
+                    if now < idle_wake {
                         continue;
                     }
                     if ping_sent.is_some() {
@@ -946,9 +1013,14 @@ impl<T: Transport> Session<T> {
     /// counts as a connection, so that shutdown waits for its stanzas to be rerouted.
     async fn finish_after_hibernation(self, b: Box<sm::Bound>) {
         let Session {
-            server, t, _guard, ..
+            server,
+            t,
+            _guard,
+            _slot,
+            ..
         } = self;
         drop(t);
+        drop(_slot);
         if let sm::Hibernation::Ended(b) = sm::hibernate(&server, b).await {
             sm::finish(&server, b).await;
         }

@@ -36,6 +36,8 @@ pub struct Bound {
     pub sm: Option<Box<Sm>>,
     /// Stanzas held back while the client is inactive (XEP-0352); `None` while active.
     pub held: Option<Box<Held>>,
+    /// The read rate limits (`[limits]`): while in debt, nothing more is read.
+    pub shaper: crate::limits::Shaper,
 }
 
 pub struct Sm {

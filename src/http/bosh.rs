@@ -596,6 +596,8 @@ async fn handle(
     let limits = Limits {
         max_stanza_bytes: limit,
         max_depth: c2s.max_depth + 1,
+        max_attributes: c2s.max_attributes,
+        max_attribute_bytes: c2s.max_attribute_bytes,
     };
     let (el, rid) = match parse_request(&bytes, limits) {
         Ok(r) => r,
@@ -790,7 +792,7 @@ async fn create(
         auth_allowed: trusted,
         read_limit: None,
     };
-    tokio::spawn(c2s::run(server.clone(), t));
+    tokio::spawn(c2s::run(server.clone(), t, None));
     let reply = reply_to(&shared, Accepted::Wait { rid, gen: 1, rx }).await;
     http_response(reply, shared.content_type.clone())
 }

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub connections_total: IntCounterVec,
     pub logins: IntCounterVec,
     pub auth_failures: IntCounterVec,
+    /// Connections refused by an abuse limit, by limit.
+    pub connections_refused: IntCounterVec,
     pub stanzas_in: ByKind,
     pub stanzas_out: ByKind,
     pub routing_seconds: Histogram,
@@ -150,6 +152,16 @@ impl Metrics {
                         "Failed authentications, by where (c2s, api).",
                     ),
                     &["via"],
+                )?,
+            )?,
+            connections_refused: reg(
+                &registry,
+                IntCounterVec::new(
+                    opts(
+                        "halyard_connections_refused_total",
+                        "Connections refused by an abuse limit ([limits]), by limit.",
+                    ),
+                    &["limit"],
                 )?,
             )?,
             stanzas_in: ByKind::new(&stanzas_in),

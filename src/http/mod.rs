@@ -7,13 +7,17 @@ pub mod upload;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::Router;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::limits::ConnSlot;
 use crate::server::Server;
 
 pub mod api;
@@ -53,6 +57,14 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpL
     }
 }
 
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CountedListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, CountedListener>) -> Self {
+        Peer(*s.remote_addr())
+    }
+}
+
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
     fn connect_info(s: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
         Peer(*s.remote_addr())
@@ -83,12 +95,108 @@ pub fn is_trusted(server: &Server, ip: IpAddr) -> bool {
     ip.is_loopback() || server.config.http.trusted_proxies.contains(&ip)
 }
 
+/// A connection that holds its place under the connection limits (`[limits]`) while open.
+pub struct Counted<S> {
+    io: S,
+    _slot: ConnSlot,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Admits an accepted HTTP connection under the connection limits. A refused one is closed at
+/// once: before a request there is no way to tell it why that every client understands.
+fn admit(server: &Server, peer: SocketAddr) -> Option<ConnSlot> {
+    match server.conn_limiter.admit(peer.ip()) {
+        Ok(slot) => Some(slot),
+        Err(why) => {
+            server
+                .metrics
+                .connections_refused
+                .with_label_values(&[why.label()])
+                .inc();
+            tracing::debug!(%peer, limit = why.label(), "HTTP connection refused");
+            None
+        }
+    }
+}
+
+/// Plain HTTP connections, counted under the connection limits.
+pub struct CountedListener {
+    inner: TcpListener,
+    server: Arc<Server>,
+}
+
+impl axum::serve::Listener for CountedListener {
+    type Io = Counted<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((io, peer)) => {
+                    if let Some(slot) = admit(&self.server, peer) {
+                        let _ = io.set_nodelay(true);
+                        return (Counted { io, _slot: slot }, peer);
+                    }
+                }
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
 /// Serves plain HTTP on `listener`.
 pub fn spawn_http(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<Server>) {
     let mut shutdown = server.shutdown.clone();
+    let counted = CountedListener {
+        inner: listener,
+        server: server.clone(),
+    };
     let app = router(server, false).into_make_service_with_connect_info::<Peer>();
     set.spawn(async move {
-        let r = axum::serve(listener, app)
+        let r = axum::serve(counted, app)
             .with_graceful_shutdown(async move {
                 crate::server::until_shutdown(&mut shutdown).await;
             })
@@ -102,12 +210,15 @@ pub fn spawn_http(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<Serv
 /// A listener that completes TLS handshakes in their own tasks, so a slow handshake cannot hold
 /// up the others, and yields finished TLS streams to axum.
 pub struct TlsListener {
-    rx: mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
+    rx: mpsc::Receiver<(
+        Counted<tokio_rustls::server::TlsStream<TcpStream>>,
+        SocketAddr,
+    )>,
     local: SocketAddr,
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Io = Counted<tokio_rustls::server::TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -134,16 +245,19 @@ pub fn spawn_https(
     };
     let local = listener.local_addr()?;
     let (tx, rx) = mpsc::channel(64);
+    let acceptor_server = server.clone();
     let mut shutdown = server.shutdown.clone();
     set.spawn(async move {
         loop {
             tokio::select! {
                 r = listener.accept() => {
                     let Ok((stream, peer)) = r else { continue };
+                    let Some(slot) = admit(&acceptor_server, peer) else { continue };
+                    let _ = stream.set_nodelay(true);
                     let (tls, tx) = (tls.clone(), tx.clone());
                     tokio::spawn(async move {
-                        if let Ok(Ok(s)) = tokio::time::timeout(std::time::Duration::from_secs(15), tls.acceptor.accept(stream)).await {
-                            let _ = tx.send((s, peer)).await;
+                        if let Ok(Ok(io)) = tokio::time::timeout(std::time::Duration::from_secs(15), tls.acceptor.accept(stream)).await {
+                            let _ = tx.send((Counted { io, _slot: slot }, peer)).await;
                         }
                     });
                 }

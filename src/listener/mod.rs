@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::c2s::{self, TcpTransport};
+use crate::limits::{ConnSlot, Refusal, REFUSAL_TIMEOUT};
 use crate::server::Server;
 use crate::stream::reader::Limits;
 
@@ -21,6 +22,8 @@ pub fn limits(server: &Server) -> Limits {
     Limits {
         max_stanza_bytes: server.config.c2s.max_stanza_bytes,
         max_depth: server.config.c2s.max_depth,
+        max_attributes: server.config.c2s.max_attributes,
+        max_attribute_bytes: server.config.c2s.max_attribute_bytes,
     }
 }
 
@@ -47,9 +50,18 @@ pub async fn bind(addr: SocketAddr, kind: &str) -> anyhow::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG).map_err(fail)
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, server: Arc<Server>, handle: F)
+/// How a refused connection is told why.
+#[derive(Clone, Copy)]
+enum Refuse {
+    /// A c2s stream in the clear (STARTTLS port): header, then the stream error.
+    Plain,
+    /// Direct TLS: the handshake first.
+    Tls,
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, server: Arc<Server>, refuse: Refuse, handle: F)
 where
-    F: Fn(Arc<Server>, TcpStream, SocketAddr) -> Fut + Send + 'static,
+    F: Fn(Arc<Server>, TcpStream, SocketAddr, ConnSlot) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut shutdown = server.shutdown.clone();
@@ -58,7 +70,12 @@ where
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(handle(server.clone(), stream, peer));
+                    match server.conn_limiter.admit(peer.ip()) {
+                        Ok(slot) => {
+                            tokio::spawn(handle(server.clone(), stream, peer, slot));
+                        }
+                        Err(why) => refused(&server, stream, peer, why, refuse),
+                    }
                 }
                 Err(e) => {
                     // Usually EMFILE: back off instead of spinning.
@@ -71,12 +88,50 @@ where
     }
 }
 
+/// Counts a refusal and, while few are being told, tells the client why with a stream error;
+/// otherwise (a flood) just closes the connection.
+fn refused(server: &Arc<Server>, stream: TcpStream, peer: SocketAddr, why: Refusal, how: Refuse) {
+    server
+        .metrics
+        .connections_refused
+        .with_label_values(&[why.label()])
+        .inc();
+    tracing::debug!(%peer, limit = why.label(), "connection refused");
+    let Some(told) = server.conn_limiter.refusal_slot() else {
+        return;
+    };
+    let server = server.clone();
+    tokio::spawn(async move {
+        let _told = told;
+        let err = why.stream_error();
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+            match how {
+                Refuse::Plain => {
+                    let t = TcpTransport::plain(stream, peer, None, true, limits(&server));
+                    c2s::refuse(&server, t, err).await
+                }
+                Refuse::Tls => {
+                    let Some(tls) = server.tls.clone() else {
+                        return;
+                    };
+                    if let Ok(s) = tls.acceptor.accept(stream).await {
+                        let t = TcpTransport::direct_tls(s, peer, &tls, limits(&server));
+                        c2s::refuse(&server, t, err).await
+                    }
+                }
+            }
+        })
+        .await;
+    });
+}
+
 /// Spawns the c2s (STARTTLS) accept loop.
 pub fn spawn_c2s(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<Server>) {
     set.spawn(accept_loop(
         listener,
         server,
-        |server, stream, peer| async move {
+        Refuse::Plain,
+        |server, stream, peer, slot| async move {
             let t = TcpTransport::plain(
                 stream,
                 peer,
@@ -84,7 +139,7 @@ pub fn spawn_c2s(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<Serve
                 server.config.c2s.require_tls,
                 limits(&server),
             );
-            c2s::run(server, t).await
+            c2s::run(server, t, Some(slot)).await
         },
     ));
 }
@@ -94,14 +149,15 @@ pub fn spawn_c2s_tls(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<S
     set.spawn(accept_loop(
         listener,
         server,
-        |server, stream, peer| async move {
+        Refuse::Tls,
+        |server, stream, peer, slot| async move {
             let Some(tls) = server.tls.clone() else {
                 return;
             };
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
                 Ok(Ok(s)) => {
                     let t = TcpTransport::direct_tls(s, peer, &tls, limits(&server));
-                    c2s::run(server, t).await
+                    c2s::run(server, t, Some(slot)).await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

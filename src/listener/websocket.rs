@@ -64,7 +64,7 @@ async fn upgrade(
                 bytes_in: 0,
                 read_limit: None,
             };
-            c2s::run(server, t).await
+            c2s::run(server, t, None).await
         })
         .into_response()
 }

@@ -29,6 +29,35 @@ pub enum StreamEvent {
 pub struct Limits {
     pub max_stanza_bytes: usize,
     pub max_depth: usize,
+    /// Most attributes on one element, namespace declarations included.
+    pub max_attributes: usize,
+    /// Longest attribute value, in bytes.
+    pub max_attribute_bytes: usize,
+}
+
+impl Limits {
+    /// Checks one attribute: `count` is how many the element has with this one.
+    fn check_attribute(&self, count: usize, value: &str) -> Result<(), StreamError> {
+        if count > self.max_attributes {
+            return Err(StreamError::new(
+                StreamErrorKind::PolicyViolation,
+                format!(
+                    "an element has more than {} attributes (c2s.max_attributes)",
+                    self.max_attributes
+                ),
+            ));
+        }
+        if value.len() > self.max_attribute_bytes {
+            return Err(StreamError::new(
+                StreamErrorKind::PolicyViolation,
+                format!(
+                    "an attribute value is longer than {} bytes (c2s.max_attribute_bytes)",
+                    self.max_attribute_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 pub struct XmlReader {
@@ -46,6 +75,8 @@ pub struct XmlReader {
     started: bool,
     /// The header declared a namespace prefix besides `stream`, which stanzas may use.
     header_other_prefixes: bool,
+    /// Attributes seen on the element whose head is being read.
+    attributes: usize,
 }
 
 /// A tree builder inside a minimal stream element: `jabber:client` as the default namespace and
@@ -92,6 +123,7 @@ impl XmlReader {
             header_pending: false,
             started: false,
             header_other_prefixes: false,
+            attributes: 0,
         }
     }
 
@@ -174,9 +206,16 @@ impl XmlReader {
 
     fn process(&mut self, ev: RawEvent) -> Result<Option<StreamEvent>, StreamError> {
         let depth = self.builder.depth();
+        if let RawEvent::Attribute(_, _, value) = &ev {
+            self.attributes += 1;
+            self.limits
+                .check_attribute(self.attributes, value.as_str())?;
+        }
         match &ev {
             RawEvent::XmlDeclaration(..) => return Ok(None),
-            RawEvent::ElementHeadOpen(m, _) if depth >= 1 => {
+            RawEvent::ElementHeadOpen(..) if depth == 0 => self.attributes = 0,
+            RawEvent::ElementHeadOpen(m, _) => {
+                self.attributes = 0;
                 if depth == 1 {
                     self.stanza_bytes = m.len();
                 }
@@ -317,16 +356,25 @@ pub fn parse_element(bytes: &[u8], limits: Limits) -> Result<Element, StreamErro
     let mut parser = RawParser::with_options(opts);
     let mut builder = TreeBuilder::new();
     let mut input = bytes;
+    let mut attributes = 0;
     loop {
         match parser.parse(&mut input, true) {
             Ok(Some(ev)) => {
-                if let RawEvent::ElementHeadOpen(..) = ev {
-                    if builder.depth() >= limits.max_depth {
-                        return Err(StreamError::new(
-                            StreamErrorKind::PolicyViolation,
-                            format!("elements nested deeper than {} levels", limits.max_depth),
-                        ));
+                match &ev {
+                    RawEvent::ElementHeadOpen(..) => {
+                        attributes = 0;
+                        if builder.depth() >= limits.max_depth {
+                            return Err(StreamError::new(
+                                StreamErrorKind::PolicyViolation,
+                                format!("elements nested deeper than {} levels", limits.max_depth),
+                            ));
+                        }
                     }
+                    RawEvent::Attribute(_, _, value) => {
+                        attributes += 1;
+                        limits.check_attribute(attributes, value.as_str())?;
+                    }
+                    _ => {}
                 }
                 builder.process_event(ev).map_err(not_well_formed)?;
             }
@@ -350,6 +398,8 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_stanza_bytes: 1000,
         max_depth: 8,
+        max_attributes: 10,
+        max_attribute_bytes: 100,
     };
     const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='x' version='1.0'>";
 

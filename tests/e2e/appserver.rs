@@ -749,6 +749,37 @@ async fn appserver_webhook_publish_is_signed() {
         .is_some_and(|h| h.starts_with("sha256=") && h.len() == 71));
 }
 
+/// `appserver.max_per_device_per_minute`: a device is sent that many notifications a minute;
+/// the next publish gets resource-constraint (wait) naming the limit, and nothing reaches the
+/// provider; another device is unaffected.
+#[tokio::test]
+async fn appserver_limits_notifications_per_device_per_minute() {
+    let p = Providers::start().await;
+    let s = TestServer::start_with(|c| {
+        p.configure(c);
+        c.appserver.max_per_device_per_minute = 2;
+    })
+    .await;
+    s.add_user("alice", PW).await;
+    let mut c = RawClient::login(&s, "alice", PW, "phone").await;
+    let (node, secret) = register(&mut c, "register-push-webhook", "hook-rate-1", "one").await;
+    let (node2, secret2) = register(&mut c, "register-push-webhook", "hook-rate-2", "two").await;
+    for id in ["r1", "r2"] {
+        assert_delivered(&publish(&mut c, id, &node, Some(&secret), None).await);
+    }
+    let r = publish(&mut c, "r3", &node, Some(&secret), None).await;
+    assert_eq!(error_of(&r), ("resource-constraint".into(), "wait".into()));
+    let text = r
+        .get_child("error", NS_CLIENT)
+        .and_then(|e| e.get_child("text", NS_STANZAS))
+        .map(|t| t.text())
+        .unwrap_or_default();
+    assert!(text.contains("max_per_device_per_minute"), "{text}");
+    assert_eq!(p.hook.requests("/hook").len(), 2, "the third never left");
+    assert_delivered(&publish(&mut c, "r4", &node2, Some(&secret2), None).await);
+    assert_eq!(p.hook.requests("/hook").len(), 3);
+}
+
 #[tokio::test]
 async fn appserver_refuses_wrong_secret_unknown_node_and_bad_registrations() {
     let p = Providers::start().await;

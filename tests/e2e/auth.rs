@@ -227,6 +227,8 @@ fn new_reader() -> XmlReader {
     XmlReader::new(Limits {
         max_stanza_bytes: 1 << 20,
         max_depth: 64,
+        max_attributes: 1000,
+        max_attribute_bytes: 1 << 20,
     })
 }
 

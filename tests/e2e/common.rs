@@ -200,6 +200,8 @@ fn reader() -> XmlReader {
     XmlReader::new(Limits {
         max_stanza_bytes: 10 * 1024 * 1024,
         max_depth: 100,
+        max_attributes: 1000,
+        max_attribute_bytes: 1 << 20,
     })
 }
 
@@ -215,6 +217,29 @@ impl RawClient {
 
     pub async fn connect_direct_tls(addr: SocketAddr) -> RawClient {
         let tcp = TcpStream::connect(addr).await.expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(client_tls())
+            .connect(
+                rustls::pki_types::ServerName::try_from(DOMAIN).expect("name"),
+                tcp,
+            )
+            .await
+            .expect("tls handshake");
+        RawClient::over(Box::new(tls))
+    }
+
+    /// Connects from the loopback address `src` (e.g. 127.0.0.2), for per-address limits.
+    pub async fn connect_from(addr: SocketAddr, src: std::net::IpAddr) -> RawClient {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(SocketAddr::new(src, 0)).expect("bind source");
+        let tcp = sock.connect(addr).await.expect("connect");
+        RawClient::over(Box::new(tcp))
+    }
+
+    /// Direct TLS from the loopback address `src`.
+    pub async fn connect_direct_tls_from(addr: SocketAddr, src: std::net::IpAddr) -> RawClient {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(SocketAddr::new(src, 0)).expect("bind source");
+        let tcp = sock.connect(addr).await.expect("connect");
         let tls = tokio_rustls::TlsConnector::from(client_tls())
             .connect(
                 rustls::pki_types::ServerName::try_from(DOMAIN).expect("name"),
@@ -315,6 +340,32 @@ impl RawClient {
         );
         self.features = Some(f.clone());
         f
+    }
+
+    /// Sends a stream header and waits for a stream error instead of features; returns the
+    /// condition and the text.
+    pub async fn open_refused(&mut self) -> (String, String) {
+        self.reader = reader();
+        self.send(&stream_open(DOMAIN)).await;
+        loop {
+            match self.next_event().await {
+                Some(StreamEvent::Open(h)) => self.header = Some(h),
+                Some(StreamEvent::Element(el)) if el.is("error", NS_STREAM) => {
+                    let cond = el
+                        .children()
+                        .find(|c| c.ns() == NS_STREAMS && c.name() != "text")
+                        .map(|c| c.name().to_string())
+                        .expect("a defined condition");
+                    let text = el
+                        .get_child("text", NS_STREAMS)
+                        .map(|t| t.text())
+                        .unwrap_or_default();
+                    assert!(self.header.is_some(), "a stream header before the error");
+                    return (cond, text);
+                }
+                other => panic!("expected a stream error, got {other:?}"),
+            }
+        }
     }
 
     /// Waits for a stream error and the end of the stream; returns the condition.

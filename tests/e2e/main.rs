@@ -16,6 +16,7 @@ mod chat;
 mod cli;
 mod durability;
 mod history;
+mod limits;
 mod mobile;
 mod negotiation;
 mod portability;

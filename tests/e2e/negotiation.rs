@@ -82,6 +82,8 @@ fn header_then_error(bytes: &[u8]) -> (Element, String) {
     let mut r = XmlReader::new(Limits {
         max_stanza_bytes: 1 << 20,
         max_depth: 64,
+        max_attributes: 1000,
+        max_attribute_bytes: 1 << 20,
     });
     let mut input = bytes;
     let mut events = Vec::new();

@@ -112,6 +112,20 @@ pub trait Host: Send + Sync {
     fn settings(&self) -> &ModuleSettings;
 }
 
+/// The `[roster]` section (RFC 6121 rosters).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RosterSettings {
+    /// Contacts one roster may hold; adding one more gets `not-allowed` (RFC 6121 §2.3.3).
+    pub max_items: usize,
+}
+
+impl Default for RosterSettings {
+    fn default() -> Self {
+        RosterSettings { max_items: 2000 }
+    }
+}
+
 /// Settings modules read (the `[archive]` and `[offline]` sections of config.toml).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -126,6 +140,9 @@ pub struct ArchiveSettings {
     /// them forever. Written in config.toml as `expire_after = "365d"`.
     #[serde(deserialize_with = "duration_secs")]
     pub expire_after: u64,
+    /// Archive queries one account may make per minute (all its resources together); beyond
+    /// it a query gets `resource-constraint`. 0: no limit.
+    pub max_queries_per_minute: u32,
 }
 
 impl Default for ArchiveSettings {
@@ -135,6 +152,7 @@ impl Default for ArchiveSettings {
             default_page: 50,
             max_page: 250,
             expire_after: 0,
+            max_queries_per_minute: 300,
         }
     }
 }
@@ -200,6 +218,7 @@ impl Default for PushSettings {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModuleSettings {
+    pub roster: RosterSettings,
     pub archive: ArchiveSettings,
     pub offline: OfflineSettings,
     pub push: PushSettings,

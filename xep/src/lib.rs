@@ -19,6 +19,7 @@
 pub mod datetime;
 pub mod host;
 pub mod ns;
+pub mod rate;
 pub mod registry;
 pub mod stanza;
 #[cfg(test)]

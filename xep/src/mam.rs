@@ -46,7 +46,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use jid::{BareJid, FullJid, Jid};
@@ -55,6 +55,7 @@ use minidom::Element;
 use crate::datetime::{format_datetime, parse_datetime};
 use crate::host::{ArchiveKey, ArchivePrefs, ArchivedMessage, Host, KeyRange};
 use crate::ns;
+use crate::rate::Windows;
 use crate::registry::{Flow, IqHandler, IqReply, IqScope, Registry, StanzaHook, Target};
 use crate::stanza::{n, Kind, Stanza, StanzaError};
 
@@ -848,7 +849,33 @@ async fn prefs(host: &dyn Host, iq: &Stanza, owner: &BareJid, el: &Element) -> I
     }
 }
 
-struct MamIq;
+/// The query rate limit (`archive.max_queries_per_minute`): queries per account per minute.
+struct MamIq {
+    queries: Windows<BareJid>,
+}
+
+impl Default for MamIq {
+    fn default() -> Self {
+        MamIq {
+            queries: Windows::new(Duration::from_secs(60)),
+        }
+    }
+}
+
+impl MamIq {
+    /// Counts a query by `owner`; `Err` is the refusal when it is over the limit.
+    fn admit(&self, owner: &BareJid, per_minute: u32) -> Result<(), StanzaError> {
+        self.queries
+            .admit(owner.clone(), per_minute)
+            .map_err(|left| {
+                StanzaError::ResourceConstraint(Some(format!(
+                    "archive queries are limited to {per_minute} per minute \
+                 (archive.max_queries_per_minute): retry in {} s",
+                    left.as_secs() + 1
+                )))
+            })
+    }
+}
 
 #[async_trait]
 impl IqHandler for MamIq {
@@ -866,7 +893,13 @@ impl IqHandler for MamIq {
             return IqReply::Error(StanzaError::BadRequest(None));
         };
         match (el.name(), iq.type_()) {
-            ("query", "set") => query(host, iq, &owner, el).await,
+            ("query", "set") => {
+                let limit = host.settings().archive.max_queries_per_minute;
+                if let Err(e) = self.admit(&owner, limit) {
+                    return IqReply::Error(e);
+                }
+                query(host, iq, &owner, el).await
+            }
             ("query", "get") => IqReply::Result(Some(form())),
             ("metadata", "get") => metadata(host, &owner).await,
             ("prefs", _) => prefs(host, iq, &owner, el).await,
@@ -879,7 +912,7 @@ pub fn register(reg: &mut Registry) {
     reg.module("XEP-0313");
     reg.message_hook(HOOK_PRIORITY, Arc::new(ArchiveHook));
     reg.message_hook(HIDE_SENDER_ID_PRIORITY, Arc::new(HideSenderId));
-    reg.iq(IqScope::Account, NS, Arc::new(MamIq));
+    reg.iq(IqScope::Account, NS, Arc::new(MamIq::default()));
     reg.account_feature(NS);
     reg.account_feature(NS_EXTENDED);
     reg.account_feature(SID);
@@ -1726,6 +1759,30 @@ mod tests {
         assert!(ans.ids.is_empty() && !ans.complete());
         assert_eq!(ans.count(), Some(10));
         assert!(ans.first().is_none());
+    }
+
+    #[tokio::test]
+    async fn queries_per_minute_are_limited_per_account() {
+        let mut h = host(&["a", "b", "c"]);
+        h.settings.archive.max_queries_per_minute = 3;
+        fixture(&h).await;
+        for _ in 0..3 {
+            q(&h, &[], "").await.unwrap();
+        }
+        let Err(err) = q(&h, &[], "").await else {
+            panic!("the 4th query passed")
+        };
+        assert_eq!(err, "resource-constraint");
+        let m = MamIq::default();
+        m.admit(&bare("a"), 1).unwrap();
+        let text = String::from(&m.admit(&bare("a"), 1).unwrap_err().to_element());
+        assert!(text.contains("archive.max_queries_per_minute"), "{text}");
+        // Another resource of the same account shares the limit; another account does not.
+        let Err(err) = raw_query(&h, "a/other", "", "").await else {
+            panic!("another resource passed")
+        };
+        assert_eq!(err, "resource-constraint");
+        raw_query(&h, "b/r", "", "").await.unwrap();
     }
 
     #[tokio::test]

@@ -248,6 +248,18 @@ async fn set(host: &dyn Host, user: &BareJid, query: &Element) -> IqReply {
         Ok(v) => v,
         Err(e) => return IqReply::Error(e),
     };
+    if !stored.in_roster {
+        let max = host.settings().roster.max_items;
+        let held = match host.roster().items(user).await {
+            Ok(items) => items.iter().filter(|i| i.in_roster).count(),
+            Err(e) => return store_failed(e),
+        };
+        if held >= max {
+            return IqReply::Error(StanzaError::NotAllowed(Some(format!(
+                "the roster holds its limit of {max} contacts (roster.max_items)"
+            ))));
+        }
+    }
     stored.name = name;
     stored.groups = groups;
     stored.in_roster = true;
@@ -330,6 +342,29 @@ mod tests {
         ok(h.iq(jid, GET).await);
         h.presence(jid, "<presence/>").await;
         h.take();
+    }
+
+    #[tokio::test]
+    async fn a_full_roster_refuses_new_contacts_but_edits_old_ones() {
+        let mut h = TestHost::new(&["a", "b", "c", "d"]);
+        h.settings.roster.max_items = 2;
+        h.bind("a/r");
+        for c in ["b", "c"] {
+            let set = set_iq(&format!("<item jid='{c}@example.com'/>"));
+            ok(h.iq("a/r", &set).await);
+        }
+        let r = h.iq("a/r", &set_iq("<item jid='d@example.com'/>")).await;
+        let IqReply::Error(e) = r else {
+            panic!("a third contact was accepted")
+        };
+        assert_eq!(e.condition(), "not-allowed");
+        let shown = String::from(&e.to_element());
+        assert!(shown.contains("roster.max_items"), "{shown}");
+        // Renaming a contact it holds is no addition.
+        ok(h.iq("a/r", &set_iq("<item jid='b@example.com' name='B'/>"))
+            .await);
+        let roster = ok(h.iq("a/r", GET).await).expect("a roster");
+        assert_eq!(roster.children().count(), 2);
     }
 
     /// Issue 7: ℻ prepares to FAX, then to fax; such a contact is jid-malformed, not stored.

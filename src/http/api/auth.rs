@@ -272,7 +272,8 @@ pub async fn login(
                 .with_label_values(&["api"])
                 .inc();
             // The delay is for XMPP; here the next attempts over the limit get 429.
-            let _ = server.auth_throttle.failure(ip);
+            let named = jid.as_ref().map(|j| j.to_string());
+            let _ = server.auth_throttle.failure(ip, named.as_deref());
             tracing::info!(%ip, "API login failed");
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
