@@ -310,8 +310,7 @@ fn portable(
     init_logging(global.log.as_deref().unwrap_or("warn"));
     let stdio = file == "-";
     let path = if stdio {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+        halyard::store::create_data_dir(&cfg.data_dir)?;
         let what = if export { "export" } else { "import" };
         std::env::current_dir()
             .context("the current directory")?

@@ -426,8 +426,11 @@ async fn broken_certificate_files_on_reload_keep_the_old_certificate_and_the_pro
 // ---------------------------------------------------------------------------------------------
 // File modes
 
+/// What `serve` creates that others must not read: the admin socket, the generated TLS key, the
+/// upload signing key, and the data directory around the store (password verifiers, token
+/// hashes, archives). The export file's mode is checked in `portability`.
 #[tokio::test]
-async fn the_admin_socket_and_generated_key_are_private() {
+async fn the_admin_socket_keys_and_data_dir_are_private() {
     use std::os::unix::fs::PermissionsExt;
     let env = Env::bare();
     let serving = env.serve();
@@ -442,6 +445,9 @@ async fn the_admin_socket_and_generated_key_are_private() {
     assert_eq!(mode(&sock), 0o600, "{}", sock.display());
     let key = env.path().join("certs").join("localhost.key");
     assert_eq!(mode(&key), 0o600, "{}", key.display());
+    let upload_key = env.data().join("upload.key");
+    assert_eq!(mode(&upload_key), 0o600, "{}", upload_key.display());
+    assert_eq!(mode(&env.data()), 0o700, "{}", env.data().display());
     drop(serving);
 }
 
