@@ -423,6 +423,52 @@ async fn broken_certificate_files_on_reload_keep_the_old_certificate_and_the_pro
     drop(serving);
 }
 
+/// The certificate a TLS handshake on `addr` (Direct TLS or HTTPS) is served.
+async fn served_on(addr: SocketAddr, ders: &[&[u8]]) -> Vec<u8> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from(DOMAIN).expect("name");
+    let tls = tokio::time::timeout(
+        TIMEOUT,
+        tokio_rustls::TlsConnector::from(trusting(ders)).connect(name, tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("TLS handshake");
+    let der = tls.get_ref().1.peer_certificates().expect("certificate")[0].to_vec();
+    der
+}
+
+/// An in-process server reloads through its admin socket (what `halyard reload-certs` sends),
+/// and every TLS listener shares the reloaded certificates: STARTTLS, Direct TLS and HTTPS.
+#[tokio::test]
+async fn a_reload_reaches_direct_tls_and_https_too() {
+    let s = TestServer::start().await;
+    s.add_user("alice", "pw-a").await;
+    let certs = s.data_dir().parent().expect("server folder").join("certs");
+    let old = der_of(&certs.join("localhost.crt"));
+    let mut alice = RawClient::login(&s, "alice", "pw-a", "old").await;
+    assert_eq!(served_on(s.c2s_tls, &[&old]).await, old);
+    assert_eq!(served_on(s.https, &[&old]).await, old);
+
+    let (crt, key, new) = new_pair();
+    std::fs::write(certs.join("localhost.key"), key).expect("write key");
+    std::fs::write(certs.join("localhost.crt"), crt).expect("write crt");
+    let r = s.admin(halyard::admin::Request::ReloadCerts).await;
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(r.lines, ["certificates reloaded; changed: localhost"]);
+
+    assert_eq!(served_on(s.c2s_tls, &[&old, &new]).await, new);
+    assert_eq!(served_on(s.https, &[&old, &new]).await, new);
+    let (c, _) = Conn::starttls(s.c2s, &[&old, &new]).await;
+    assert_eq!(c.served, new);
+    assert_alive(&mut alice, "after").await;
+
+    // Nothing changed on disk: nothing changes.
+    let r = s.admin(halyard::admin::Request::ReloadCerts).await;
+    assert_eq!(r.lines, ["certificates reloaded (none changed)"]);
+    s.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // File modes
 
@@ -691,9 +737,6 @@ async fn no_password_token_or_message_body_in_a_trace_log() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let text = std::fs::read_to_string(&log).expect("read log");
-    if std::env::var_os("HALYARD_DUMP_LOG").is_some() {
-        std::fs::write("/tmp/halyard-secrets.log", &text).expect("dump");
-    }
 
     // The log is the real thing: low levels were on, and it saw the scenario.
     for expected in [
