@@ -46,6 +46,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -95,6 +96,11 @@ pub async fn serve(
         config.cache_bytes(),
     )?;
     let tls = tls::load(&config.certs_dir, &config.domains)?;
+    // A session asks for channel bindings at most this long after its handshake began: Direct
+    // TLS handshakes are cut at 15 s, STARTTLS ones by the pre-authentication timeout.
+    tls.set_handshake_window(
+        config.c2s.preauth_timeout().max(Duration::from_secs(15)) + Duration::from_secs(1),
+    );
     let server = Arc::new(Server::new(
         config.clone(),
         stores.clone(),
@@ -166,6 +172,11 @@ pub async fn serve(
         ));
     }
 
+    // SIGHUP reloads the certificates (before the `listening` line, so that a SIGHUP sent once
+    // it is logged can no longer end the process).
+    #[cfg(unix)]
+    spawn_reload_on_sighup(&mut set, server.clone());
+
     tracing::info!(
         "listening c2s={} c2s_tls={} http={} https={}",
         join(&bound.c2s),
@@ -195,6 +206,47 @@ pub async fn serve(
     let _ = std::fs::remove_file(admin::socket::path(&config.data_dir));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Re-reads every domain's certificate and key on each SIGHUP (see [`tls::Tls::reload`]); a
+/// failed reload keeps the certificates served so far.
+#[cfg(unix)]
+fn spawn_reload_on_sighup(set: &mut JoinSet<()>, server: Arc<Server>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: certificates will not be reloaded");
+            return;
+        }
+    };
+    let mut sd = server.shutdown.clone();
+    set.spawn(async move {
+        loop {
+            tokio::select! {
+                r = hup.recv() => {
+                    if r.is_none() {
+                        return;
+                    }
+                    tracing::info!("SIGHUP: reloading TLS certificates");
+                    // The outcome is logged by the reload itself.
+                    let _ = reload_certificates(&server).await;
+                }
+                _ = crate::server::until_shutdown(&mut sd) => return,
+            }
+        }
+    });
+}
+
+/// Reloads the server's certificates off the runtime's threads (file reads); the outcome is
+/// logged. What SIGHUP and `halyard reload-certs` do.
+pub async fn reload_certificates(server: &Server) -> anyhow::Result<Vec<String>> {
+    let Some(tls) = server.tls.clone() else {
+        anyhow::bail!("this server has no TLS");
+    };
+    tokio::task::spawn_blocking(move || tls.reload())
+        .await
+        .context("the certificate reload task failed")?
 }
 
 #[cfg(test)]

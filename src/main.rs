@@ -54,6 +54,9 @@ enum Cmd {
     Admin(AdminCmd),
     /// Validate the configuration and say how to fix what is wrong.
     CheckConfig,
+    /// Make the running server re-read its TLS certificates (as SIGHUP does); it keeps the old
+    /// ones if the new ones cannot be loaded.
+    ReloadCerts,
     /// Write every account and everything it owns to a XEP-0227 file, through a running
     /// server's admin socket or directly from the store (docs/export-format.md).
     Export {
@@ -243,6 +246,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::User(u) => admin(&rt, &cli.global, user_request(u)?),
         Cmd::Archive(a) => admin(&rt, &cli.global, archive_request(a)?),
         Cmd::Admin(AdminCmd::Token { ttl }) => admin(&rt, &cli.global, Request::AdminToken { ttl }),
+        Cmd::ReloadCerts => admin(&rt, &cli.global, Request::ReloadCerts),
         Cmd::Export { file } => portable(&rt, &cli.global, true, &file),
         Cmd::Import { file } => portable(&rt, &cli.global, false, &file),
     }
@@ -306,8 +310,7 @@ fn portable(
     init_logging(global.log.as_deref().unwrap_or("warn"));
     let stdio = file == "-";
     let path = if stdio {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+        halyard::store::create_data_dir(&cfg.data_dir)?;
         let what = if export { "export" } else { "import" };
         std::env::current_dir()
             .context("the current directory")?

@@ -51,6 +51,8 @@ pub enum Request {
     AdminToken {
         ttl: String,
     },
+    /// Re-reads the TLS certificates of a running server (what SIGHUP does).
+    ReloadCerts,
 }
 
 /// The answer: lines for stdout, or an error for stderr.
@@ -74,6 +76,19 @@ impl Response {
     }
 }
 
+/// Certificates are read when a server starts: only a running one has any to reload.
+async fn reload_certs(ctx: &Context<'_>) -> anyhow::Result<Vec<String>> {
+    let Some(server) = ctx.server else {
+        anyhow::bail!("no server is running (certificates are read when it starts)");
+    };
+    let changed = crate::reload_certificates(server).await?;
+    Ok(vec![if changed.is_empty() {
+        "certificates reloaded (none changed)".to_string()
+    } else {
+        format!("certificates reloaded; changed: {}", changed.join(", "))
+    }])
+}
+
 /// What a command can act on: the stores always, the live server when there is one.
 pub struct Context<'a> {
     pub stores: &'a Stores,
@@ -95,6 +110,7 @@ pub async fn execute(ctx: &Context<'_>, req: Request) -> Response {
         Request::Export { path } => portability::export(ctx, &path).await,
         Request::Import { path } => portability::import(ctx, &path).await,
         Request::AdminToken { ttl } => token::issue_admin(ctx, &ttl).await,
+        Request::ReloadCerts => reload_certs(ctx).await,
     };
     match r {
         Ok(lines) => Response::ok(lines),

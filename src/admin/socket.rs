@@ -35,12 +35,35 @@ pub async fn bind(data_dir: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
+/// Whether the peer may use the socket: the server's own user, or root. The socket's mode (0600)
+/// says the same, but only from just after `bind`; this also covers a connection made before
+/// the mode was set.
+fn peer_allowed(stream: &UnixStream, owner: Option<u32>) -> bool {
+    match (stream.peer_cred(), owner) {
+        (Ok(cred), Some(owner)) => cred.uid() == owner || cred.uid() == 0,
+        // Without credentials to compare, the socket's mode is what protects it.
+        _ => true,
+    }
+}
+
 pub async fn serve(listener: UnixListener, server: Arc<Server>) {
     let mut shutdown = server.shutdown.clone();
+    // The socket file belongs to the user the server runs as.
+    let owner = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path(&server.config.data_dir))
+            .ok()
+            .map(|m| m.uid())
+    };
     loop {
         tokio::select! {
             r = listener.accept() => {
                 let Ok((stream, _)) = r else { continue };
+                if !peer_allowed(&stream, owner) {
+                    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+                    tracing::warn!(?uid, "admin socket connection from another user refused");
+                    continue;
+                }
                 let server = server.clone();
                 tokio::spawn(async move {
                     if let Err(e) = handle(stream, &server).await {
@@ -98,4 +121,25 @@ pub async fn request(data_dir: &Path, req: &Request) -> anyhow::Result<Option<Re
     Ok(Some(
         serde_json::from_str(&resp).context("bad answer on the admin socket")?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_the_servers_user_or_root_may_connect() {
+        let (a, _b) = UnixStream::pair().expect("pair");
+        let me = a.peer_cred().expect("credentials").uid();
+        assert!(peer_allowed(&a, Some(me)), "the server's own user");
+        if me == 0 {
+            assert!(
+                peer_allowed(&a, Some(12345)),
+                "root, whoever runs the server"
+            );
+        } else {
+            assert!(!peer_allowed(&a, Some(me + 1)), "another user is refused");
+        }
+        assert!(peer_allowed(&a, None), "no owner known: the mode decides");
+    }
 }

@@ -27,6 +27,33 @@ use serde::{Deserialize, Serialize};
 
 use crate::sasl::scram::{Hash, StoredCredentials};
 
+/// Creates the data directory (and missing parents) readable by the server's user only: it holds
+/// password verifiers, token hashes, message archives and keys. A directory that already exists
+/// keeps its mode; one that others can enter is reported.
+pub fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(dir) {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    data_dir = %dir.display(),
+                    mode = %format!("{mode:o}"),
+                    "data_dir is open to other users; it holds password verifiers and messages: chmod 700 it"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Wraps a backend error with what was being done. The context is copied only on error, so the
 /// happy path allocates nothing.
 pub(crate) fn err<E: std::error::Error + Send + Sync + 'static>(

@@ -39,8 +39,7 @@ fn encode<T: serde::Serialize>(what: &str, v: &T) -> StoreResult<Vec<u8>> {
 
 impl SledStore {
     pub fn open(dir: &Path, cache_bytes: u64) -> anyhow::Result<SledStore> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create data_dir {}: {e}", dir.display()))?;
+        super::create_data_dir(dir)?;
         let path = dir.join("store");
         let db = sled::Config::new()
             .path(&path)

@@ -23,6 +23,7 @@ mod portability;
 mod push;
 mod roster_presence;
 mod routing;
+mod secrets;
 mod services;
 mod upload;
 mod websocket;
