@@ -11,7 +11,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use halyard::stream::reader::Limits;
 use halyard::stream::{StreamEvent, XmlReader};
 use hmac::{Hmac, Mac};
 use minidom::Element;
@@ -223,15 +222,6 @@ struct Conn {
     end_point: Option<Vec<u8>>,
 }
 
-fn new_reader() -> XmlReader {
-    XmlReader::new(Limits {
-        max_stanza_bytes: 1 << 20,
-        max_depth: 64,
-        max_attributes: 1000,
-        max_attribute_bytes: 1 << 20,
-    })
-}
-
 async fn tls(io: Box<dyn Io>) -> Conn {
     let tls = tokio_rustls::TlsConnector::from(client_tls())
         .connect(
@@ -257,7 +247,7 @@ async fn tls(io: Box<dyn Io>) -> Conn {
     let end_point = sha2::Sha256::digest(cert.as_ref()).to_vec();
     Conn {
         io: Box::new(tls),
-        reader: new_reader(),
+        reader: reader(),
         pending: Vec::new(),
         exporter: Some(exporter),
         end_point: Some(end_point),
@@ -269,7 +259,7 @@ impl Conn {
         let tcp = TcpStream::connect(addr).await.expect("connect");
         Conn {
             io: Box::new(tcp),
-            reader: new_reader(),
+            reader: reader(),
             pending: Vec::new(),
             exporter: None,
             end_point: None,
@@ -341,7 +331,7 @@ impl Conn {
 
     /// Opens (or restarts) the stream; returns the features.
     async fn open(&mut self) -> Element {
-        self.reader = new_reader();
+        self.reader = reader();
         self.pending.clear();
         self.send(&stream_open(DOMAIN)).await;
         match self.next_event().await {

@@ -196,7 +196,9 @@ pub struct RawClient {
     pub closed: bool,
 }
 
-fn reader() -> XmlReader {
+/// A stream reader for clients: limits far above the server's, so a test sees whatever the
+/// server sends.
+pub fn reader() -> XmlReader {
     XmlReader::new(Limits {
         max_stanza_bytes: 10 * 1024 * 1024,
         max_depth: 100,

@@ -6,8 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use halyard::stream::reader::Limits;
-use halyard::stream::{StreamEvent, XmlReader};
+use halyard::stream::StreamEvent;
 use minidom::Element;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -79,12 +78,7 @@ fn header_then_error(bytes: &[u8]) -> (Element, String) {
         header_at.is_some() && (error_at.is_none() || header_at < error_at),
         "the server must send its stream header before the stream error (RFC 6120 §4.9.1.1), got: {shown}"
     );
-    let mut r = XmlReader::new(Limits {
-        max_stanza_bytes: 1 << 20,
-        max_depth: 64,
-        max_attributes: 1000,
-        max_attribute_bytes: 1 << 20,
-    });
+    let mut r = reader();
     let mut input = bytes;
     let mut events = Vec::new();
     loop {

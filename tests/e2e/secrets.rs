@@ -9,7 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use halyard::stream::reader::Limits;
 use halyard::stream::{StreamEvent, XmlReader};
 use minidom::Element;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,13 +35,6 @@ struct Conn {
     exporter: Vec<u8>,
 }
 
-fn new_reader() -> XmlReader {
-    XmlReader::new(Limits {
-        max_stanza_bytes: 1 << 20,
-        max_depth: 64,
-    })
-}
-
 fn trusting(ders: &[&[u8]]) -> std::sync::Arc<rustls::ClientConfig> {
     halyard::install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
@@ -64,7 +56,7 @@ impl Conn {
         let tcp = TcpStream::connect(addr).await.expect("connect");
         let mut c = Conn {
             io: Box::new(tcp),
-            reader: new_reader(),
+            reader: reader(),
             pending: Vec::new(),
             served: Vec::new(),
             exporter: Vec::new(),
@@ -90,7 +82,7 @@ impl Conn {
             .to_vec();
         let mut c = Conn {
             io: Box::new(tls),
-            reader: new_reader(),
+            reader: reader(),
             pending: Vec::new(),
             served,
             exporter,
@@ -152,7 +144,7 @@ impl Conn {
 
     /// Opens (or restarts) the stream; returns the features.
     async fn open(&mut self) -> Element {
-        self.reader = new_reader();
+        self.reader = reader();
         self.pending.clear();
         self.send(&stream_open(DOMAIN)).await;
         match self.next_event().await {
