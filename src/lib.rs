@@ -97,9 +97,13 @@ pub async fn serve(
     )?;
     let tls = tls::load(&config.certs_dir, &config.domains)?;
     // A session asks for channel bindings at most this long after its handshake began: Direct
-    // TLS handshakes are cut at 15 s, STARTTLS ones by the pre-authentication timeout.
+    // TLS and HTTPS handshakes are cut at 15 s at most, STARTTLS ones by the pre-authentication timeout.
     tls.set_handshake_window(
-        config.c2s.preauth_timeout().max(Duration::from_secs(15)) + Duration::from_secs(1),
+        config
+            .c2s
+            .preauth_timeout()
+            .max(listener::TLS_HANDSHAKE_TIMEOUT)
+            + Duration::from_secs(1),
     );
     let server = Arc::new(Server::new(
         config.clone(),

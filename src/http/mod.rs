@@ -246,6 +246,7 @@ pub fn spawn_https(
     let local = listener.local_addr()?;
     let (tx, rx) = mpsc::channel(64);
     let acceptor_server = server.clone();
+    let handshake = crate::listener::tls_handshake_timeout(&server);
     let mut shutdown = server.shutdown.clone();
     set.spawn(async move {
         loop {
@@ -256,7 +257,7 @@ pub fn spawn_https(
                     let _ = stream.set_nodelay(true);
                     let (tls, tx) = (tls.clone(), tx.clone());
                     tokio::spawn(async move {
-                        if let Ok(Ok(io)) = tokio::time::timeout(std::time::Duration::from_secs(15), tls.acceptor.accept(stream)).await {
+                        if let Ok(Ok(io)) = tokio::time::timeout(handshake, tls.acceptor.accept(stream)).await {
                             let _ = tx.send((Counted { io, _slot: slot }, peer)).await;
                         }
                     });

@@ -15,8 +15,15 @@ use crate::limits::{ConnSlot, Refusal, REFUSAL_TIMEOUT};
 use crate::server::Server;
 use crate::stream::reader::Limits;
 
-/// Time a peer gets to complete a TLS handshake; one that stalls mid-handshake is dropped.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest time a peer gets to complete a TLS handshake (Direct TLS, HTTPS); one that stalls
+/// mid-handshake is dropped. Shorter when `c2s.preauth_timeout_secs` is.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The handshake timeout in force: [`TLS_HANDSHAKE_TIMEOUT`] or the pre-authentication
+/// timeout, whichever is shorter.
+pub fn tls_handshake_timeout(server: &Server) -> Duration {
+    TLS_HANDSHAKE_TIMEOUT.min(server.config.c2s.preauth_timeout())
+}
 
 pub fn limits(server: &Server) -> Limits {
     Limits {
@@ -154,7 +161,9 @@ pub fn spawn_c2s_tls(set: &mut JoinSet<()>, listener: TcpListener, server: Arc<S
             let Some(tls) = server.tls.clone() else {
                 return;
             };
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
+            match tokio::time::timeout(tls_handshake_timeout(&server), tls.acceptor.accept(stream))
+                .await
+            {
                 Ok(Ok(s)) => {
                     let t = TcpTransport::direct_tls(s, peer, &tls, limits(&server));
                     c2s::run(server, t, Some(slot)).await

@@ -395,3 +395,81 @@ async fn attribute_count_and_length_are_policy_violation() {
     }
     assert_nothing(&mut bob, "no part of the refused stanzas").await;
 }
+
+/// Reads until the server closes; how long that took.
+async fn closed_after(mut tcp: tokio::net::TcpStream) -> Duration {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(TIMEOUT, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the server kept a stalled connection open"),
+        }
+    }
+}
+
+/// A peer that stops mid-TLS-handshake (Direct TLS, HTTPS, after STARTTLS's proceed) is cut off
+/// at the pre-authentication timeout, and its place under the connection limits is given back.
+#[tokio::test]
+async fn stalled_tls_handshakes_are_timed_out_and_their_slots_freed() {
+    let s = TestServer::start_with(|c| {
+        c.c2s.preauth_timeout_secs = 2;
+        c.limits.connections_per_ip = 3;
+    })
+    .await;
+    users(&s).await;
+    let connect = |addr| async move {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(std::net::SocketAddr::new(ip(50), 0))
+            .expect("bind");
+        sock.connect(addr).await.expect("connect")
+    };
+    // The start of a ClientHello record, and then nothing.
+    let partial: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
+    let mut direct = connect(s.c2s_tls).await;
+    direct.write_all(partial).await.expect("write");
+    let mut https = connect(s.https).await;
+    https.write_all(partial).await.expect("write");
+    let mut starttls = connect(s.c2s).await;
+    starttls
+        .write_all(stream_open(DOMAIN).as_bytes())
+        .await
+        .expect("write");
+    starttls
+        .write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        .await
+        .expect("write");
+    // Only after <proceed/>: bytes pipelined after <starttls/> are refused at once.
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("<proceed") {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(TIMEOUT, starttls.read(&mut buf))
+            .await
+            .expect("proceed in time")
+            .expect("read");
+        assert!(n > 0, "closed before <proceed/>");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    starttls.write_all(partial).await.expect("write");
+
+    // All three hold the address's slots.
+    let mut over = RawClient::connect_from(s.c2s, ip(50)).await;
+    let (cond, _) = over.open_refused().await;
+    assert_eq!(cond, "policy-violation");
+
+    let (a, b, c) = tokio::join!(
+        closed_after(direct),
+        closed_after(https),
+        closed_after(starttls)
+    );
+    for (what, took) in [("direct TLS", a), ("HTTPS", b), ("STARTTLS", c)] {
+        assert!(
+            took >= Duration::from_millis(1500),
+            "{what} closed before the timeout: {took:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut alice = login_from(&s, ip(50), "alice", "pw-alice", "a").await;
+    ping(&mut alice, "p").await;
+}
