@@ -131,8 +131,12 @@ impl StanzaHook for Store {
         match host.offline().push(&owner, now_micros(), &xml, quota).await {
             Ok(true) => {
                 if let Err(e) = host.durable().await {
-                    // It is in the store; only a crash before the next flush would lose it.
-                    tracing::warn!(error = %e, %owner, "offline: flush failed");
+                    // Not on disk: the sender must not count on it. Taken back out (best
+                    // effort) so that a later flush does not deliver what was reported failed.
+                    tracing::warn!(error = %e, %owner, "offline: flush failed; the sender is told");
+                    unstore(host, &owner, &xml).await;
+                    reply_error(host, st, not_stored(&e)).await;
+                    return Flow::Handled;
                 }
                 tracing::debug!(%owner, "offline: message stored");
                 // A resource may have become available while this was stored, after its flush
@@ -157,10 +161,41 @@ impl StanzaHook for Store {
                 Flow::Handled
             }
             Err(e) => {
-                // Not stored: the router's default tells the sender it was not delivered.
+                // Not stored: the sender learns why (not the router's "not online").
                 tracing::warn!(error = %e, %owner, "offline: store failed");
-                Flow::Pass
+                reply_error(host, st, not_stored(&e)).await;
+                Flow::Handled
             }
+        }
+    }
+}
+
+/// The error a sender gets when its message could not be stored: `resource-constraint` when
+/// the disk is full (try later), `internal-server-error` otherwise.
+fn not_stored(e: &crate::host::StoreError) -> StanzaError {
+    if e.is_storage_full() {
+        StanzaError::ResourceConstraint(Some(
+            "the message could not be stored: the server's storage is full".into(),
+        ))
+    } else {
+        StanzaError::InternalServerError(Some("the message could not be stored".into()))
+    }
+}
+
+/// Removes a message just pushed to `owner`'s queue whose flush failed (the newest row with
+/// exactly this XML).
+async fn unstore(host: &dyn Host, owner: &BareJid, xml: &str) {
+    let seq = match host.offline().list(owner).await {
+        Ok(list) => list
+            .into_iter()
+            .rev()
+            .find(|m| m.stanza == xml)
+            .map(|m| m.seq),
+        Err(_) => None,
+    };
+    if let Some(seq) = seq {
+        if let Err(e) = host.offline().remove(owner, &[seq]).await {
+            tracing::warn!(error = %e, %owner, "offline: could not take back an unflushed message");
         }
     }
 }
@@ -300,7 +335,16 @@ async fn flush(host: &dyn Host, owner: &BareJid, full: &FullJid) {
         done.push(msg.seq);
     }
     tracing::debug!(%full, count = done.len(), "offline: messages delivered");
-    if let Err(e) = host.offline().remove(owner, &done).await {
+    if done.is_empty() {
+        return;
+    }
+    // On disk before the session's next stanza is read, so that what the client has seen is
+    // not delivered again after a crash (only a crash between delivery and this flush can).
+    let removed = match host.offline().remove(owner, &done).await {
+        Ok(()) => host.durable().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = removed {
         tracing::warn!(error = %e, %owner, "offline: remove failed; messages may be delivered again");
     }
 }
