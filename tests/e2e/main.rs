@@ -15,6 +15,7 @@ mod browser;
 mod chat;
 mod cli;
 mod durability;
+mod faults;
 mod history;
 mod mobile;
 mod negotiation;
