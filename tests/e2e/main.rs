@@ -14,6 +14,7 @@ mod bosh;
 mod browser;
 mod chat;
 mod cli;
+mod crash;
 mod durability;
 mod faults;
 mod history;
