@@ -7,8 +7,10 @@
 //! enabled and have them send, in random batches each followed by `<r/>` (one batch always in
 //! flight: a session waits for the previous batch's ack, not its own): chat messages to the
 //! other users (online ones get them live, offline ones in offline storage), roster sets and
-//! removes (of contacts on another domain), and XEP-0357 enable/disable. After a random delay
-//! (20–1500 ms by default) the server gets SIGKILL wherever it is.
+//! removes (of contacts on another domain), and XEP-0357 enable/disable; meanwhile a fifth
+//! user uploads files (XEP-0363 slot, then an HTTP PUT on the plain HTTP listener) one after
+//! another (one cycle in four has the uploads alone). After a random delay (20–1500 ms by default) the server gets SIGKILL wherever it
+//! is.
 //!
 //! What is asserted, and why (the server's promises: config.toml `[storage]`, and the ack in
 //! `c2s::sm_nonza`, which waits for the group commit before it answers `<r/>`):
@@ -30,17 +32,24 @@
 //!   would be there), and whole after the last cycle.
 //!
 //! The test has teeth: with the ack answered without waiting for the group commit (the wait in
-//! `sm_nonza` removed by hand), a 10-cycle run reported 10 acknowledged messages missing.
+//! `sm_nonza` removed by hand), a 10-cycle run reported 10 acknowledged messages missing; with
+//! the flush after an upload's completion removed, an upload answered `201` was gone after the
+//! fifth kill.
 //! - **Rosters** equal the model: a contact's state is the one after its last acknowledged
 //!   change, or after one of the unacknowledged changes that followed it (sent in order on one
 //!   stream, so only a prefix of them can have been applied).
+//! - **Uploads**: one whose PUT was answered `201` is served whole (same bytes) after the
+//!   restart; one the kill cut is never served in part (`404`, or whole when only the answer
+//!   was lost).
 //! - Push registrations are driven (their writes are part of the crashed store) but not read
 //!   back: XEP-0357 has no query for them.
 //!
 //! Not covered: a kill while a user logs in (between offline delivery and the flush of the
 //! removal of what was delivered, a message would be delivered again at the next login: offline
-//! delivery is at least once), uploads (the HTTP listener is off in these runs), stream
-//! resumption, and the push queue's contents.
+//! delivery is at least once), stream resumption, and the push queue's contents. SIGKILL ends
+//! the process, not the machine: what the kernel had been handed survives it whether or not it
+//! was fsynced, so this proves the write path's order (nothing acknowledged that was still in
+//! the process's buffers), not power-loss durability.
 //!
 //! `HALYARD_CRASH_CYCLES` sets the number of kills (default 8), `HALYARD_CRASH_SEED` replays a
 //! run (the seed is printed), `HALYARD_CRASH_MAX_DELAY_MS` the longest delay before a kill.
@@ -52,7 +61,7 @@ use std::time::{Duration, Instant};
 
 use minidom::Element;
 
-use super::cli::{login_at, Env};
+use super::cli::{login_at, parse_listening, Env};
 use super::common::*;
 use halyard::stream::StreamEvent;
 
@@ -423,6 +432,212 @@ async fn traffic(mut s: Session, mut rng: Rng, cycle: usize, next_id: Arc<Atomic
     log
 }
 
+/// A `halyard serve` child with a STARTTLS listener and a plain HTTP one (upload slots' PUT and
+/// GET); killed when dropped.
+struct Child {
+    child: std::process::Child,
+    c2s: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+}
+
+impl Child {
+    fn start(env: &Env) -> Child {
+        use std::io::BufRead;
+        let mut cmd = env.cmd(&[
+            "--log",
+            "info",
+            "serve",
+            "--c2s",
+            "127.0.0.1:0",
+            "--c2s-tls",
+            "none",
+            "--http",
+            "127.0.0.1:0",
+            "--https",
+            "none",
+        ]);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn halyard serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Drains the child's log for its whole life, so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let (Some(c2s), Some(http)) = (parse_listening(&line), http_addr(&line)) {
+                        return Child { child, c2s, http };
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let st = child.wait();
+                    panic!(
+                        "the server did not start on the crashed store ({st:?}):\n{}",
+                        seen.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    fn kill(mut self) {
+        let st = std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(st.success(), "kill -9");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The HTTP address from the `listening c2s=... http=ADDR https=...` line.
+fn http_addr(line: &str) -> Option<std::net::SocketAddr> {
+    let rest = &line[line.find(" http=")? + " http=".len()..];
+    rest.split([',', ' ']).next()?.parse().ok()
+}
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`): status and body.
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    url: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = url
+        .find("://")
+        .and_then(|i| url[i + 3..].find('/').map(|j| &url[i + 3 + j..]))
+        .unwrap_or(url);
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await?;
+    tcp.write_all(body).await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(TIMEOUT, tcp.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::other("timed out"))??;
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no complete HTTP head"))?;
+    let head = String::from_utf8_lossy(&out[..split]).to_ascii_lowercase();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no status"))?;
+    let body = out[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        return Err(std::io::Error::other("chunked answers are not read here"));
+    }
+    Ok((status, body))
+}
+
+/// The bytes of upload `n` (its size and content follow from `n`).
+fn upload_bytes(n: usize, size: usize) -> Vec<u8> {
+    (0..size).map(|i| (i * 31 + n * 7) as u8).collect()
+}
+
+/// One upload: where to fetch it, what it holds, and whether its PUT was answered `201`.
+struct UploadRec {
+    get: String,
+    n: usize,
+    size: usize,
+    created: bool,
+    cycle: usize,
+}
+
+/// The uploader's traffic: slot after slot, each PUT right away, until the kill.
+async fn uploads(
+    mut c: RawClient,
+    http_at: std::net::SocketAddr,
+    mut rng: Rng,
+    cycle: usize,
+    next_id: Arc<AtomicUsize>,
+) -> Vec<UploadRec> {
+    let mut out = Vec::new();
+    for k in 0.. {
+        let n = next_id.fetch_add(1, Ordering::Relaxed);
+        let size = rng.range(1, 32 * 1024) as usize;
+        let id = format!("up{k}");
+        if !c
+            .try_send(
+                format!(
+                    "<iq type='get' id='{id}' to='upload.localhost'><request xmlns='urn:xmpp:http:upload:0' filename='f{n}.bin' size='{size}' content-type='application/octet-stream'/></iq>"
+                )
+                .as_bytes(),
+            )
+            .await
+        {
+            break;
+        }
+        let slot = loop {
+            match c.next_event().await {
+                Some(StreamEvent::Element(el)) if el.attr("id") == Some(id.as_str()) => {
+                    break Some(el)
+                }
+                Some(_) => continue,
+                None => break None,
+            }
+        };
+        let Some(slot) = slot else { break };
+        assert_eq!(slot.attr("type"), Some("result"), "slot: {}", xml(&slot));
+        let s = slot
+            .get_child("slot", "urn:xmpp:http:upload:0")
+            .expect("slot");
+        let url = |what| {
+            s.get_child(what, "urn:xmpp:http:upload:0")
+                .and_then(|e| e.attr("url"))
+                .expect("url")
+                .to_string()
+        };
+        let (put, get) = (url("put"), url("get"));
+        let mut rec = UploadRec {
+            get,
+            n,
+            size,
+            created: false,
+            cycle,
+        };
+        let r = http(http_at, "PUT", &put, &upload_bytes(n, size)).await;
+        match r {
+            Ok((201, _)) => rec.created = true,
+            Ok((status, body)) => {
+                panic!("PUT answered {status}: {}", String::from_utf8_lossy(&body))
+            }
+            Err(_) => {
+                out.push(rec);
+                break;
+            }
+        }
+        out.push(rec);
+        tokio::time::sleep(Duration::from_millis(rng.below(20))).await;
+    }
+    out
+}
+
 #[derive(Default, Debug)]
 struct Figures {
     /// Kills survived.
@@ -447,6 +662,9 @@ struct Figures {
     offline_delivered: usize,
     roster_ops: usize,
     roster_acked: usize,
+    /// Uploads answered `201` (each fetched whole after the restart), and those the kill cut.
+    uploads_created: usize,
+    uploads_cut: usize,
 }
 
 /// See the module doc.
@@ -467,6 +685,17 @@ async fn sigkill_at_random_points_loses_nothing_acknowledged() {
     let mut rng = Rng::new(seed);
 
     let env = Env::with_test_cert().await;
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(env.cfg())
+            .expect("config");
+        writeln!(f, "\n[upload]\nslots_per_minute = 1000000").expect("write config");
+    }
+    env.run(&["user", "add", "uploader@localhost", "--password", "pw"])
+        .ok("add uploader");
+    let mut upload_recs: Vec<UploadRec> = Vec::new();
     for u in 0..USERS {
         env.run(&[
             "user",
@@ -487,8 +716,32 @@ async fn sigkill_at_random_points_loses_nothing_acknowledged() {
 
     for cycle in 0..=cycles {
         // The store must open as the kill left it.
-        let server = env.serve();
+        let server = Child::start(&env);
         let mut failures = Vec::new();
+
+        // Uploads: one answered `201` is served whole; one the kill cut is never served in
+        // part (404, or whole when only the answer was lost).
+        for r in upload_recs.iter().filter(|r| r.cycle + 1 == cycle) {
+            let (status, body) = http(server.http, "GET", &r.get, &[])
+                .await
+                .expect("GET an upload");
+            let whole = status == 200 && body == upload_bytes(r.n, r.size);
+            if r.created && !whole {
+                failures.push(format!(
+                    "upload {} ({} bytes, answered 201) is served as {status} with {} bytes",
+                    r.get,
+                    r.size,
+                    body.len()
+                ));
+            } else if !r.created && !whole && status != 404 {
+                failures.push(format!(
+                    "cut upload {} is served as {status} with {} of {} bytes",
+                    r.get,
+                    body.len(),
+                    r.size
+                ));
+            }
+        }
 
         // Every user logs in (the accounts are intact) and is checked against the model.
         let mut sessions = Vec::new();
@@ -604,8 +857,13 @@ async fn sigkill_at_random_points_loses_nothing_acknowledged() {
         }
 
         // Traffic: 2 to 4 users online, the others offline for the whole cycle (they leave
-        // before anyone sends).
-        let n_online = rng.range(2, USERS as u64) as usize;
+        // before anyone sends). One cycle in four has uploads alone, so that no chat traffic's
+        // flushes cover an upload's own.
+        let n_online = if rng.below(4) == 0 {
+            0
+        } else {
+            rng.range(2, USERS as u64) as usize
+        };
         let mut order: Vec<usize> = (0..USERS).collect();
         for i in (1..USERS).rev() {
             order.swap(i, rng.below(i as u64 + 1) as usize);
@@ -624,17 +882,27 @@ async fn sigkill_at_random_points_loses_nothing_acknowledged() {
             let r = Rng::new(rng.next());
             tasks.push(tokio::spawn(traffic(s, r, cycle, next_id.clone())));
         }
+        let up = login_at(server.c2s, "uploader", "pw", &format!("u{cycle}")).await;
+        let uploader = tokio::spawn(uploads(
+            up,
+            server.http,
+            Rng::new(rng.next()),
+            cycle,
+            next_id.clone(),
+        ));
         last_traffic_micros = now_micros();
         let delay = Duration::from_millis(rng.range(20, max_delay));
         tokio::time::sleep(delay).await;
         let killed_at = Instant::now();
-        let st = std::process::Command::new("kill")
-            .arg("-KILL")
-            .arg(server.pid().to_string())
-            .status()
-            .expect("kill");
-        assert!(st.success(), "kill -9");
-        drop(server);
+        server.kill();
+        for r in uploader.await.expect("upload task") {
+            if r.created {
+                fig.uploads_created += 1;
+            } else {
+                fig.uploads_cut += 1;
+            }
+            upload_recs.push(r);
+        }
 
         // Fold what the sessions saw into the model.
         let mut live: Vec<(String, Instant)> = Vec::new();
