@@ -6,8 +6,10 @@
 //!   resource with non-negative priority, and no bound resource matching a full-JID `to`) is
 //!   stored, as the earlier hooks left it (the archive's `<stanza-id/>` included), and made
 //!   durable before the sender's next stanza is read. A full queue (`[offline] quota`) answers the
-//!   sender `service-unavailable` (XEP-0160 §2). `groupchat`, `headline` and `error` messages are
-//!   never stored (XEP-0160 §3; the router errors or drops them per RFC 6121 §8.5.2.2.1).
+//!   sender `service-unavailable` (XEP-0160 §2); a store that cannot write it (or flush it)
+//!   answers `resource-constraint` when the disk is full, `internal-server-error` otherwise.
+//!   `groupchat`, `headline` and `error` messages are never stored (XEP-0160 §3; the router
+//!   errors or drops them per RFC 6121 §8.5.2.2.1).
 //! - Not stored: messages with a `<no-store/>` hint (the router then answers
 //!   `service-unavailable`, RFC 6121 §8.5.2.2.1 option b); messages carrying only XEP-0085 chat
 //!   states (XEP-0160 §3), which are dropped silently unless they carry a `<store/>` hint.
@@ -16,9 +18,10 @@
 //!   available (`SessionHook::available`), every waiting message is delivered to it, oldest
 //!   first (a message stored while that runs is delivered right after it, not at the next
 //!   login), with `<delay xmlns='urn:xmpp:delay' from='DOMAIN' stamp='…'/>` (XEP-0160 §2,
-//!   XEP-0203), and removed from the store. A negative-priority resource never gets them
-//!   (RFC 6121 §8.5.2.1, XEP-0160 §2 step 2). A `<delay/>` claiming to be from this server that
-//!   the sender put in is removed first (XEP-0203 §4).
+//!   XEP-0203), and removed from the store (on disk before the session's next stanza is read).
+//!   A negative-priority resource never gets them (RFC 6121 §8.5.2.1, XEP-0160 §2 step 2). A
+//!   `<delay/>` claiming to be from this server that the sender put in is removed first
+//!   (XEP-0203 §4).
 //! - Discovery: the server advertises `msgoffline` (XEP-0160 §4). There is no retrieval protocol
 //!   (XEP-0013 is not supported).
 
