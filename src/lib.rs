@@ -81,7 +81,18 @@ pub fn install_crypto_provider() {
 /// until `shutdown` turns true, then closes every session with `system-shutdown`, flushes
 /// storage and returns (within about two seconds).
 pub async fn serve(
+    config: Config,
+    shutdown: watch::Receiver<bool>,
+    ready: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> anyhow::Result<()> {
+    serve_with_stores(config, |s| s, shutdown, ready).await
+}
+
+/// [`serve`] with the opened stores passed through `wrap` before the node uses them (tests wrap
+/// them to inject faults: [`store::faults`]).
+pub async fn serve_with_stores(
     mut config: Config,
+    wrap: impl FnOnce(Stores) -> Stores + Send,
     shutdown: watch::Receiver<bool>,
     ready: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> anyhow::Result<()> {
@@ -90,11 +101,11 @@ pub async fn serve(
     if !config.c2s.require_tls {
         tracing::warn!("c2s.require_tls is off: passwords may cross the network in the clear; use this for loopback benchmarks only");
     }
-    let stores = Stores::open_sled(
+    let stores = wrap(Stores::open_sled(
         &config.data_dir,
         config.group_commit(),
         config.cache_bytes(),
-    )?;
+    )?);
     let tls = tls::load(&config.certs_dir, &config.domains)?;
     // A session asks for channel bindings at most this long after its handshake began: Direct
     // TLS and HTTPS handshakes are cut at 15 s at most, STARTTLS ones by the pre-authentication timeout.

@@ -2,12 +2,16 @@
 //! serves everyone who asked within a short window, so durability costs one fsync per window
 //! rather than one per message.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use halyard_xep::host::{StoreError, StoreResult};
 use tokio::sync::{mpsc, oneshot};
 
-type Waiter = oneshot::Sender<Result<(), String>>;
+type Waiter = oneshot::Sender<Result<(), Arc<StoreError>>>;
+
+/// Writes everything written so far to disk (blocking; run on a blocking thread).
+pub type Flusher = Arc<dyn Fn() -> StoreResult<()> + Send + Sync>;
 
 pub struct GroupCommit {
     tx: mpsc::UnboundedSender<Waiter>,
@@ -17,6 +21,20 @@ impl GroupCommit {
     /// Starts the flusher task for `db`. Writes made before a `wait` call are covered by the
     /// flush that answers it: requests that arrive while a flush runs wait for the next one.
     pub fn start(db: sled::Db, window: Duration) -> GroupCommit {
+        // `Tree::flush` on a blocking thread, never `flush_async` (see `super::flush_tree`).
+        GroupCommit::start_with(
+            window,
+            Arc::new(move || {
+                db.flush()
+                    .map(|_| ())
+                    .map_err(super::err("flushing the store"))
+            }),
+        )
+    }
+
+    /// Like [`GroupCommit::start`] with any flush (a wrapped store's, e.g. one that injects
+    /// faults). A failed flush fails every waiter of its group with the same error.
+    pub fn start_with(window: Duration, flush: Flusher) -> GroupCommit {
         let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -27,10 +45,15 @@ impl GroupCommit {
                 while let Ok(w) = rx.try_recv() {
                     waiters.push(w);
                 }
-                let r = super::flush_tree(&db)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string());
+                let f = flush.clone();
+                let r = match tokio::task::spawn_blocking(move || f()).await {
+                    Ok(r) => r,
+                    Err(e) => Err(StoreError {
+                        context: "group commit".into(),
+                        source: format!("the flush task failed: {e}").into(),
+                    }),
+                }
+                .map_err(Arc::new);
                 if let Err(e) = &r {
                     tracing::error!(error = %e, "group commit: flush failed");
                 }
@@ -52,16 +75,15 @@ impl GroupCommit {
     /// Waits until everything written before this call is on disk.
     pub async fn wait(&self) -> StoreResult<()> {
         let (tx, rx) = oneshot::channel();
-        let fail = |m: String| StoreError {
+        let stopped = || StoreError {
             context: "group commit".into(),
-            source: m.into(),
+            source: "the flusher has stopped".into(),
         };
-        self.tx
-            .send(tx)
-            .map_err(|_| fail("the flusher has stopped".into()))?;
-        rx.await
-            .map_err(|_| fail("the flusher has stopped".into()))?
-            .map_err(fail)
+        self.tx.send(tx).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?.map_err(|e| StoreError {
+            context: "group commit".into(),
+            source: Box::new(e),
+        })
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod appserver;
 pub mod archive;
+pub mod faults;
 pub mod group_commit;
 pub mod offline;
 pub mod push;
@@ -61,7 +62,19 @@ pub(crate) fn err<E: std::error::Error + Send + Sync + 'static>(
 ) -> impl FnOnce(E) -> halyard_xep::host::StoreError + '_ {
     move |e| halyard_xep::host::StoreError {
         context: context.to_string(),
-        source: Box::new(e),
+        source: io_visible(e),
+    }
+}
+
+/// `e` as a boxed error; sled's I/O errors become `std::io::Error`s (sled's error type hides
+/// its source), so callers can tell a full disk from other failures
+/// ([`halyard_xep::host::StoreError::is_storage_full`]).
+pub(crate) fn io_visible<E: std::error::Error + Send + Sync + 'static>(
+    e: E,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    match (&e as &dyn std::any::Any).downcast_ref::<::sled::Error>() {
+        Some(::sled::Error::Io(io)) => Box::new(std::io::Error::new(io.kind(), e.to_string())),
+        _ => Box::new(e),
     }
 }
 

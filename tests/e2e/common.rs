@@ -530,3 +530,50 @@ pub async fn assert_nothing(c: &mut RawClient, what: &str) {
         got.iter().map(xml).collect::<Vec<_>>()
     );
 }
+
+impl TestServer {
+    /// [`TestServer::start`] with stores whose writes and flushes fail while `switch` is on
+    /// (`halyard::store::faults`).
+    pub async fn start_faulty(switch: halyard::store::faults::FaultSwitch) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = dir.path().join("certs");
+        std::fs::create_dir_all(&certs).expect("certs dir");
+        for f in ["localhost.crt", "localhost.key"] {
+            std::fs::copy(test_cert().dir.path().join(f), certs.join(f)).expect("copy cert");
+        }
+        let mut cfg = Config {
+            data_dir: dir.path().join("data"),
+            certs_dir: certs,
+            ..Config::default()
+        };
+        let lo: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        cfg.listeners.c2s = vec![lo];
+        cfg.listeners.c2s_tls.clear();
+        cfg.listeners.http.clear();
+        cfg.listeners.https.clear();
+        let window = cfg.group_commit();
+        let data_dir = cfg.data_dir.clone();
+        let (stop, rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let wrap = move |s: halyard::store::Stores| s.with_faults(switch, window);
+        let handle = tokio::spawn(halyard::serve_with_stores(cfg, wrap, rx, Some(ready_tx)));
+        let bound = match tokio::time::timeout(TIMEOUT, ready_rx).await {
+            Ok(Ok(b)) => b,
+            _ => {
+                let r = handle.await;
+                panic!("server did not start: {r:?}");
+            }
+        };
+        let none: SocketAddr = "0.0.0.0:0".parse().expect("addr");
+        TestServer {
+            c2s: bound.c2s[0],
+            c2s_tls: none,
+            http: none,
+            https: none,
+            data_dir,
+            stop,
+            handle: Some(handle),
+            _dir: dir,
+        }
+    }
+}

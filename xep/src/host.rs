@@ -52,6 +52,23 @@ pub struct StoreError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+impl StoreError {
+    /// Whether the backend failed because its disk is full (`ENOSPC` somewhere in the chain):
+    /// worth telling a client to try again later rather than reporting an internal error.
+    pub fn is_storage_full(&self) -> bool {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self.source.as_ref());
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::StorageFull {
+                    return true;
+                }
+            }
+            cur = e.source();
+        }
+        false
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 #[async_trait]

@@ -6,8 +6,10 @@
 //!   resource with non-negative priority, and no bound resource matching a full-JID `to`) is
 //!   stored, as the earlier hooks left it (the archive's `<stanza-id/>` included), and made
 //!   durable before the sender's next stanza is read. A full queue (`[offline] quota`) answers the
-//!   sender `service-unavailable` (XEP-0160 §2). `groupchat`, `headline` and `error` messages are
-//!   never stored (XEP-0160 §3; the router errors or drops them per RFC 6121 §8.5.2.2.1).
+//!   sender `service-unavailable` (XEP-0160 §2); a store that cannot write it (or flush it)
+//!   answers `resource-constraint` when the disk is full, `internal-server-error` otherwise.
+//!   `groupchat`, `headline` and `error` messages are never stored (XEP-0160 §3; the router
+//!   errors or drops them per RFC 6121 §8.5.2.2.1).
 //! - Not stored: messages with a `<no-store/>` hint (the router then answers
 //!   `service-unavailable`, RFC 6121 §8.5.2.2.1 option b); messages carrying only XEP-0085 chat
 //!   states (XEP-0160 §3), which are dropped silently unless they carry a `<store/>` hint.
@@ -16,9 +18,10 @@
 //!   available (`SessionHook::available`), every waiting message is delivered to it, oldest
 //!   first (a message stored while that runs is delivered right after it, not at the next
 //!   login), with `<delay xmlns='urn:xmpp:delay' from='DOMAIN' stamp='…'/>` (XEP-0160 §2,
-//!   XEP-0203), and removed from the store. A negative-priority resource never gets them
-//!   (RFC 6121 §8.5.2.1, XEP-0160 §2 step 2). A `<delay/>` claiming to be from this server that
-//!   the sender put in is removed first (XEP-0203 §4).
+//!   XEP-0203), and removed from the store (on disk before the session's next stanza is read).
+//!   A negative-priority resource never gets them (RFC 6121 §8.5.2.1, XEP-0160 §2 step 2). A
+//!   `<delay/>` claiming to be from this server that the sender put in is removed first
+//!   (XEP-0203 §4).
 //! - Discovery: the server advertises `msgoffline` (XEP-0160 §4). There is no retrieval protocol
 //!   (XEP-0013 is not supported).
 
@@ -131,8 +134,12 @@ impl StanzaHook for Store {
         match host.offline().push(&owner, now_micros(), &xml, quota).await {
             Ok(true) => {
                 if let Err(e) = host.durable().await {
-                    // It is in the store; only a crash before the next flush would lose it.
-                    tracing::warn!(error = %e, %owner, "offline: flush failed");
+                    // Not on disk: the sender must not count on it. Taken back out (best
+                    // effort) so that a later flush does not deliver what was reported failed.
+                    tracing::warn!(error = %e, %owner, "offline: flush failed; the sender is told");
+                    unstore(host, &owner, &xml).await;
+                    reply_error(host, st, not_stored(&e)).await;
+                    return Flow::Handled;
                 }
                 tracing::debug!(%owner, "offline: message stored");
                 // A resource may have become available while this was stored, after its flush
@@ -157,10 +164,41 @@ impl StanzaHook for Store {
                 Flow::Handled
             }
             Err(e) => {
-                // Not stored: the router's default tells the sender it was not delivered.
+                // Not stored: the sender learns why (not the router's "not online").
                 tracing::warn!(error = %e, %owner, "offline: store failed");
-                Flow::Pass
+                reply_error(host, st, not_stored(&e)).await;
+                Flow::Handled
             }
+        }
+    }
+}
+
+/// The error a sender gets when its message could not be stored: `resource-constraint` when
+/// the disk is full (try later), `internal-server-error` otherwise.
+fn not_stored(e: &crate::host::StoreError) -> StanzaError {
+    if e.is_storage_full() {
+        StanzaError::ResourceConstraint(Some(
+            "the message could not be stored: the server's storage is full".into(),
+        ))
+    } else {
+        StanzaError::InternalServerError(Some("the message could not be stored".into()))
+    }
+}
+
+/// Removes a message just pushed to `owner`'s queue whose flush failed (the newest row with
+/// exactly this XML).
+async fn unstore(host: &dyn Host, owner: &BareJid, xml: &str) {
+    let seq = match host.offline().list(owner).await {
+        Ok(list) => list
+            .into_iter()
+            .rev()
+            .find(|m| m.stanza == xml)
+            .map(|m| m.seq),
+        Err(_) => None,
+    };
+    if let Some(seq) = seq {
+        if let Err(e) = host.offline().remove(owner, &[seq]).await {
+            tracing::warn!(error = %e, %owner, "offline: could not take back an unflushed message");
         }
     }
 }
@@ -300,7 +338,16 @@ async fn flush(host: &dyn Host, owner: &BareJid, full: &FullJid) {
         done.push(msg.seq);
     }
     tracing::debug!(%full, count = done.len(), "offline: messages delivered");
-    if let Err(e) = host.offline().remove(owner, &done).await {
+    if done.is_empty() {
+        return;
+    }
+    // On disk before the session's next stanza is read, so that what the client has seen is
+    // not delivered again after a crash (only a crash between delivery and this flush can).
+    let removed = match host.offline().remove(owner, &done).await {
+        Ok(()) => host.durable().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = removed {
         tracing::warn!(error = %e, %owner, "offline: remove failed; messages may be delivered again");
     }
 }
