@@ -294,9 +294,16 @@ async fn receive(
     }
     file.sync_all().await.map_err(io_failed)?;
     drop(file);
-    tokio::fs::rename(&partial, svc.store.file_path(&slot.id))
+    let done = svc.store.file_path(&slot.id);
+    tokio::fs::rename(&partial, &done)
         .await
-        .map_err(io_failed)
+        .map_err(io_failed)?;
+    // The rename is a change to the folder: sync it too, or a power loss could forget it.
+    if let Some(dir) = done.parent() {
+        let dir = tokio::fs::File::open(dir).await.map_err(io_failed)?;
+        dir.sync_all().await.map_err(io_failed)?;
+    }
+    Ok(())
 }
 
 fn etag(id: &str) -> String {
