@@ -590,6 +590,10 @@ pub struct Storage {
     /// Megabytes of the store's page cache (sled). Hot data (accounts, recent archive pages)
     /// stays in memory; the rest is read from disk.
     pub cache_mb: u64,
+    /// Megabytes that must stay free on the data folder's file system: below it the server
+    /// refuses writes (as on a full disk) until half as much again is free, so the store never
+    /// meets a full disk (sled cannot write again after that without a restart). 0: off.
+    pub min_free_mb: u64,
 }
 
 impl Default for Storage {
@@ -597,6 +601,7 @@ impl Default for Storage {
         Storage {
             group_commit_ms: 2,
             cache_mb: 128,
+            min_free_mb: 64,
         }
     }
 }

@@ -101,11 +101,21 @@ pub async fn serve_with_stores(
     if !config.c2s.require_tls {
         tracing::warn!("c2s.require_tls is off: passwords may cross the network in the clear; use this for loopback benchmarks only");
     }
-    let stores = wrap(Stores::open_sled(
+    let mut stores = wrap(Stores::open_sled(
         &config.data_dir,
         config.group_commit(),
         config.cache_bytes(),
     )?);
+    if config.storage.min_free_mb > 0 {
+        let switch = store::faults::FaultSwitch::new();
+        store::diskguard::spawn(
+            config.data_dir.clone(),
+            config.storage.min_free_mb.saturating_mul(1024 * 1024),
+            switch.clone(),
+            shutdown.clone(),
+        );
+        stores = stores.with_faults(switch, config.group_commit());
+    }
     let tls = tls::load(&config.certs_dir, &config.domains)?;
     // A session asks for channel bindings at most this long after its handshake began: Direct
     // TLS and HTTPS handshakes are cut at 15 s at most, STARTTLS ones by the pre-authentication timeout.

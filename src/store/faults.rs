@@ -1,7 +1,9 @@
-//! Fault injection for tests: wraps a node's stores so that writes (and flushes, the group
+//! Write refusal: wraps a node's stores so that writes (and flushes, the group
 //! commit's included) fail with an I/O error, as on a full disk (`ENOSPC`) or a read-only file
 //! system (`EROFS`), while reads keep working. Switched at run time through a [`FaultSwitch`];
-//! the failing call does nothing (the write is refused before it reaches the backend).
+//! the failing call does nothing (the write is refused before it reaches the backend). Tests
+//! inject faults with it; the disk guard ([`super::diskguard`]) switches it when the data
+//! folder's disk is nearly full or read-only.
 //!
 //! Export and import (`Stores::restore`) are not wrapped: they are offline tools.
 

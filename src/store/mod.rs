@@ -6,6 +6,7 @@
 
 pub mod appserver;
 pub mod archive;
+pub mod diskguard;
 pub mod faults;
 pub mod group_commit;
 pub mod offline;

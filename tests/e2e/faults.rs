@@ -219,3 +219,157 @@ async fn a_read_only_file_system_refuses_writes_with_errors() {
     assert_eq!(offline_bodies(&s).await, vec!["stored after".to_string()]);
     s.stop().await;
 }
+
+/// A small tmpfs mounted for one test (needs root, as CI runs); `None` where mounting is not
+/// allowed, and the caller then says so and skips.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(mb: u32) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .ok()?
+            .success();
+        ok.then_some(SmallDisk { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk until only `leave` bytes are free.
+    fn fill_to(&self, leave: u64) {
+        use std::io::Write;
+        let free = fs2::available_space(self.path()).expect("free space");
+        let mut left = free.saturating_sub(leave);
+        let mut f = std::fs::File::create(self.path().join("filler")).expect("filler");
+        let chunk = vec![0u8; 64 * 1024];
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            f.write_all(&chunk[..n]).expect("fill");
+            left -= n as u64;
+        }
+        f.sync_all().expect("sync filler");
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.path().join("filler")).expect("remove filler");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Sends alice's message `id` to carol (offline) and returns the error condition, if any.
+async fn offline_outcome(alice: &mut RawClient, id: &str, text: &str) -> Option<String> {
+    chat(alice, "carol", id, text).await;
+    let pid = format!("p-{id}");
+    alice
+        .send(&format!(
+            "<iq type='get' id='{pid}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"
+        ))
+        .await;
+    let mut cond = None;
+    loop {
+        let el = alice.recv().await;
+        if el.attr("id") == Some(id) && el.attr("type") == Some("error") {
+            cond = stanza_error(&el);
+        }
+        if el.attr("id") == Some(pid.as_str()) {
+            return cond;
+        }
+    }
+}
+
+/// Past the disk guard's next look at the file system.
+async fn guard_looks() {
+    tokio::time::sleep(
+        halyard::store::diskguard::INTERVAL * 2 + std::time::Duration::from_millis(500),
+    )
+    .await;
+}
+
+/// The store on a real file system (a tmpfs) that fills up, with sled itself rather than an
+/// injected fault: the disk guard (`storage.min_free_mb`) refuses writes before sled meets the
+/// full disk, so writes work again when there is room, with no restart. (Without the guard sled
+/// fails every write after the first `ENOSPC` until it is reopened: seen with this test.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_really_full_disk_refuses_writes_and_recovers() {
+    let Some(disk) = SmallDisk::mount(64) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let data = disk.path().join("data");
+    let s = TestServer::start_with(|c| {
+        c.data_dir = data.clone();
+        c.storage.cache_mb = 8;
+        c.storage.min_free_mb = 16;
+    })
+    .await;
+    for u in ["alice", "bob", "carol"] {
+        s.add_user(u, "pw").await;
+    }
+    let mut alice = online(&s, "alice").await;
+    let mut bob = online(&s, "bob").await;
+    assert_eq!(offline_outcome(&mut alice, "o0", "before").await, None);
+
+    // Nearly full: 8 MiB left, under the 16 MiB reserve.
+    disk.fill_to(8 * 1024 * 1024);
+    guard_looks().await;
+    assert_eq!(
+        offline_outcome(&mut alice, "o1", "refused while full")
+            .await
+            .as_deref(),
+        Some("resource-constraint")
+    );
+    chat(&mut alice, "bob", "l1", "live while full").await;
+    let m = bob.recv_until(|e| e.name() == "message").await;
+    assert_eq!(body(&m).as_deref(), Some("live while full"));
+    ping(&mut bob, "pb").await;
+
+    disk.free();
+    guard_looks().await;
+    assert_eq!(offline_outcome(&mut alice, "o2", "after room").await, None);
+
+    assert_eq!(
+        offline_bodies(&s).await,
+        vec!["before".to_string(), "after room".into()],
+        "what was accepted is delivered, once; what was refused is not"
+    );
+    s.stop().await;
+}
+
+/// The guard sees a read-only file system (a tmpfs mounted read-only: one cannot be remounted
+/// read-only under the store's open files) as one; with room, writable, it sees nothing.
+#[tokio::test]
+async fn the_disk_guard_tells_a_read_only_file_system() {
+    use halyard::store::diskguard::assess;
+    let Some(disk) = SmallDisk::mount(4) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let probe = disk.path().join(".write-probe");
+    assert_eq!(assess(disk.path(), &probe, 1024 * 1024, None), None);
+    let ro = tempfile::tempdir().expect("tempdir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+        .arg(ro.path())
+        .status()
+        .expect("mount")
+        .success();
+    assert!(mounted, "a read-only tmpfs");
+    let seen = assess(ro.path(), &ro.path().join(".write-probe"), 0, None);
+    let _ = std::process::Command::new("umount").arg(ro.path()).status();
+    assert_eq!(seen, Some(Fault::ReadOnly));
+}
