@@ -869,6 +869,27 @@ fn verdict(
                 sl.map_or("n/a".into(), |s| format!("{s:+.0}")),
                 if ok { "flat" } else { "GROWING" }
             ));
+            // Informational: the last third alone tells a cache still filling slowly (a trend
+            // that flattens) from steady growth (the same slope to the end).
+            let t0 = warmup + (a.duration - warmup) * 2.0 / 3.0;
+            let tail: Vec<(f64, f64)> = pts
+                .iter()
+                .copied()
+                .filter(|p| p.0 * 60.0 >= t0 - 1e-6)
+                .collect();
+            if let (Some(f), Some(l)) = (tail.first(), tail.last()) {
+                lines.push(format!(
+                    "  RSS in the last third: {:.0} → {:.0} KiB ({:+.1} %, trend {} KiB/min)",
+                    f.1,
+                    l.1,
+                    (l.1 - f.1) * 100.0 / f.1.max(1.0),
+                    slope(&tail).map_or("n/a".into(), |s| format!("{s:+.0}"))
+                ));
+                j.insert(
+                    "rss_last_third_trend_kib_per_min".into(),
+                    json!(slope(&tail)),
+                );
+            }
             j.insert("rss_warm_kib".into(), json!(b));
             j.insert("rss_end_kib".into(), json!(e));
             j.insert("rss_max_kib".into(), json!(max));
@@ -1337,9 +1358,16 @@ pub async fn run(a: SoakArgs) -> anyhow::Result<()> {
     let mut v = v;
     if let (Some(b), Some(e)) = (quiet0_rss, quiet1_rss) {
         // Informational: memory the load left behind (caches, allocator) is expected.
+        let at = v
+            .lines
+            .iter()
+            .position(|l| l.starts_with("fds"))
+            .unwrap_or(0);
         v.lines.insert(
-            1,
-            format!("RSS quiet (steady sessions only): {b} KiB before the load, {e} KiB after it"),
+            at,
+            format!(
+                "  RSS quiet (steady sessions only): {b} KiB before the load, {e} KiB after it"
+            ),
         );
         if let Value::Object(m) = &mut v.json {
             m.insert("rss_quiet_before_kib".into(), json!(b));
