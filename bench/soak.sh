@@ -138,7 +138,7 @@ status=0
     --sources "$SOURCES" --pairs "$PAIRS" --presence-sessions "$PRESENCE" \
     --churn-accounts "$CHURN_ACCOUNTS" \
     --duration "$DURATION_S" --warmup "$WARMUP_S" --interval "$INTERVAL_S" \
-    --scram-cache "$RUN_ROOT/scram.cache" --label "$LABEL" \
+    --label "$LABEL" \
     --json "$JSONL" --markdown "$RUN/table.md" ${EXTRA:-} 2>&1 | tee "$RUN/soak.out" || status=$?
 
 alive=yes; kill -0 "$SERVER_PID" 2>/dev/null || alive="NO (it died during the run)"
