@@ -149,11 +149,11 @@ struct Outcome {
 
 /// Received sequence numbers (a growable bitset) for duplicate detection.
 #[derive(Default)]
-struct Seen(Vec<u64>);
+pub(crate) struct Seen(Vec<u64>);
 
 impl Seen {
     /// Marks `n`; false when it was already marked.
-    fn insert(&mut self, n: u64) -> bool {
+    pub(crate) fn insert(&mut self, n: u64) -> bool {
         let (w, b) = ((n / 64) as usize, n % 64);
         if w >= self.0.len() {
             self.0.resize(w + 1, 0);

@@ -4,6 +4,7 @@
 //! - `archive`: the archive store and MAM handler in-process (Halyard only).
 //! - `users`: creates benchmark accounts in a stopped Halyard's store.
 //! - `connect`, `chat`, `mam`: load against any XMPP server over c2s (see bench/README.md).
+//! - `soak`: a long mixed load reported every interval: flat memory, descriptors, latency.
 
 mod archive;
 mod chat;
@@ -11,6 +12,7 @@ mod connect;
 mod mam;
 mod procfs;
 mod scram;
+mod soak;
 mod stats;
 mod users;
 mod xmpp;
@@ -53,6 +55,10 @@ enum Cmd {
     Chat(chat::ChatArgs),
     /// Concurrent MAM (XEP-0313) page queries against filled archives: queries/s and latency.
     Mam(mam::MamArgs),
+    /// A long mixed load (chat, connection churn, presence storms, archive queries) at steady
+    /// rates, reported every interval: server RSS, descriptors, CPU, latency, errors; a verdict
+    /// on whether they stayed flat.
+    Soak(soak::SoakArgs),
 }
 
 /// Connection and reporting options shared by `connect`, `chat` and `mam`.
@@ -256,5 +262,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Connect(a) => rt.block_on(connect::run(a)),
         Cmd::Chat(a) => rt.block_on(chat::run(a)),
         Cmd::Mam(a) => rt.block_on(mam::run(a)),
+        Cmd::Soak(a) => rt.block_on(soak::run(a)),
     }
 }

@@ -63,13 +63,13 @@ struct Outcome {
 }
 
 /// A page: the `<result/>` ids and `<delay/>` stamps it held, and whether it succeeded.
-struct Page {
-    ids: Vec<String>,
-    stamps: Vec<String>,
-    ok: bool,
+pub(crate) struct Page {
+    pub ids: Vec<String>,
+    pub stamps: Vec<String>,
+    pub ok: bool,
 }
 
-async fn query(
+pub(crate) async fn query(
     s: &mut Session,
     qid: u64,
     form: &str,
@@ -122,7 +122,7 @@ async fn query(
     }
 }
 
-fn start_form(stamp: &str) -> String {
+pub(crate) fn start_form(stamp: &str) -> String {
     format!("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'><value>{MAM}</value></field><field var='start'><value>{stamp}</value></field></x>")
 }
 

@@ -54,6 +54,14 @@ pub fn rss_kib(pid: &str) -> anyhow::Result<u64> {
     parse_status_rss_kib(&text).with_context(|| format!("no VmRSS line in {path}"))
 }
 
+/// Open file descriptors of `pid`: the entries of `/proc/PID/fd` (readable for processes of
+/// the same user).
+pub fn fd_count(pid: &str) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/fd");
+    let dir = std::fs::read_dir(&path).with_context(|| format!("reading {path}"))?;
+    Ok(dir.filter(|e| e.is_ok()).count() as u64)
+}
+
 /// A reading of the server (when `--pid` is given) and of the tool itself.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sample {
@@ -115,5 +123,8 @@ mod tests {
         assert!(cpu_secs("self").is_ok());
         assert!(rss_kib("self").is_ok_and(|k| k > 0));
         assert!(clk_tck() > 0);
+        // stdin/stdout/stderr at least (the test harness may close some), and the read_dir
+        // handle itself.
+        assert!(fd_count("self").is_ok_and(|n| n >= 1));
     }
 }
