@@ -169,7 +169,7 @@ impl Default for ArchiveSettings {
             default_page: 50,
             max_page: 250,
             expire_after: 0,
-            max_queries_per_minute: 300,
+            max_queries_per_minute: 600,
         }
     }
 }
