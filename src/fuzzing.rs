@@ -882,7 +882,7 @@ pub fn run_stanzas(steps: &[StanzaStep]) {
             .collect();
         let mut rxs = Vec::new();
         for full in &fulls {
-            let (tx, rx) = tokio::sync::mpsc::channel::<Outbound>(4096);
+            let (tx, rx) = crate::outbound::channel::<Outbound>(4096);
             let conn = server.next_conn_id();
             let _ = server.sessions.bind(full, conn, tx);
             for hook in server.registry.session_hooks() {
