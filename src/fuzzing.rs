@@ -113,8 +113,12 @@ pub fn stream_reader(data: &[u8]) {
                 "the reader made no progress"
             );
         }
-        // Idle between reads, as the TCP transport is.
+        // Idle between reads, as the TCP transport is; and (on half the inputs) released and
+        // rebuilt where an idle session would.
         reader.shrink();
+        if sel & 0x40 != 0 && reader.releasable() {
+            reader = XmlReader::after_header(limits).expect("a reader after the header");
+        }
     }
 }
 

@@ -856,6 +856,7 @@ impl<T: Transport> Session<T> {
             let mut timers = Timers {
                 last_read: Instant::now(),
                 ping_sent: None,
+                released: false,
             };
             b.shaper.seen = self.t.bytes_in();
             // Only the wait for the next event is inline in this task's future: handling an event
@@ -903,6 +904,9 @@ impl<T: Transport> Session<T> {
             None => timers.last_read + c2s.idle_timeout(),
         };
         let mut next = idle;
+        if !timers.released {
+            next = next.min(timers.last_read + RELEASE_AFTER);
+        }
         // Over a read rate: read nothing until the debt is paid (TCP pushes back on the
         // sender); our own queue is still written.
         let throttled = b
@@ -961,6 +965,7 @@ impl<T: Transport> Session<T> {
             Event::In(ev) => {
                 timers.last_read = Instant::now();
                 timers.ping_sent = None;
+                timers.released = false;
                 match ev {
                     Ok(Some(StreamEvent::Element(el))) => {
                         b.shaper.charge_read(
@@ -985,6 +990,10 @@ impl<T: Transport> Session<T> {
             }
             Event::Timer => {
                 let now = Instant::now();
+                if !timers.released && now >= timers.last_read + RELEASE_AFTER {
+                    self.t.release();
+                    timers.released = true;
+                }
                 if wake.r_due.is_some_and(|due| now >= due) {
                     if let Some(s) = b.sm.as_mut() {
                         s.r_sent_at = Some(std::time::Instant::now());
@@ -1349,7 +1358,14 @@ enum End {
 struct Timers {
     last_read: Instant,
     ping_sent: Option<Instant>,
+    /// The transport released its parser since the last input ([`Transport::release`]).
+    released: bool,
 }
+
+/// How long a bound session reads nothing before its transport releases what it can rebuild
+/// (the stream parser, ~1.5 KB): long enough that a chatting session does not rebuild it for
+/// every stanza, short enough that most sessions, which are idle most of the time, hold none.
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 /// When the bound loop wakes without an event, and why.
 struct Wake {
