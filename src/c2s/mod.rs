@@ -837,8 +837,9 @@ impl<T: Transport> Session<T> {
         })
     }
 
-    /// The bound session: stanzas in, queued stanzas out, pings when quiet. Large sub-futures
-    /// (routing a stanza, writing a batch) are boxed so they do not sit inline in an idle task.
+    /// The bound session: stanzas in, queued stanzas out, pings when quiet. Handling an event
+    /// (routing a stanza, writing a batch) is a boxed sub-future, so it does not sit inline in
+    /// an idle task.
     /// When the connection is lost and the client enabled resumption, the session waits to be
     /// resumed (in this task, without the connection); otherwise, or when that wait ends, the
     /// session ends and what it did not get is rerouted.
@@ -846,6 +847,7 @@ impl<T: Transport> Session<T> {
     /// Not an `async fn`: one moves its arguments into locals of its body, and the session
     /// (~1 KB) would then take room twice in the task's future (measured: 2,656 → 1,648 bytes
     /// in a debug build); an `async move` block uses what it captures in place.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
     fn run_bound(mut self, mut b: Box<sm::Bound>) -> impl std::future::Future<Output = ()> + Send
     where
         T: 'static,
