@@ -113,8 +113,12 @@ pub fn stream_reader(data: &[u8]) {
                 "the reader made no progress"
             );
         }
-        // Idle between reads, as the TCP transport is.
+        // Idle between reads, as the TCP transport is; and (on half the inputs) released and
+        // rebuilt where an idle session would.
         reader.shrink();
+        if sel & 0x40 != 0 && reader.releasable() {
+            reader = XmlReader::after_header(limits).expect("a reader after the header");
+        }
     }
 }
 
@@ -882,7 +886,7 @@ pub fn run_stanzas(steps: &[StanzaStep]) {
             .collect();
         let mut rxs = Vec::new();
         for full in &fulls {
-            let (tx, rx) = tokio::sync::mpsc::channel::<Outbound>(4096);
+            let (tx, rx) = crate::outbound::channel::<Outbound>(4096);
             let conn = server.next_conn_id();
             let _ = server.sessions.bind(full, conn, tx);
             for hook in server.registry.session_hooks() {

@@ -12,7 +12,8 @@
 //!   address (host, bare, full), answers for unknown accounts and domains, then runs the
 //!   handlers that modules registered. Modules live in the `halyard-xep` crate, one file per
 //!   XEP, and see the core only through its `Host` trait, which [`server::Server`] implements.
-//! - Delivery goes through the [`sessions`] table: every bound resource has a bounded queue;
+//! - Delivery goes through the [`sessions`] table: every bound resource has a bounded queue
+//!   ([`outbound`]);
 //!   a stanza is serialised once and its bytes shared by every queue it goes to.
 //! - Components own a domain of their own: the push app server ([`appserver`]) and file upload
 //!   ([`upload`]).
@@ -32,6 +33,7 @@ pub mod http;
 pub mod limits;
 pub mod listener;
 pub mod maintenance;
+pub mod outbound;
 pub mod router;
 pub mod sasl;
 pub mod server;

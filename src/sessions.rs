@@ -12,8 +12,8 @@ use dashmap::DashMap;
 use halyard_xep::host::ResourceInfo;
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
-use tokio::sync::mpsc;
 
+use crate::outbound::{self, TrySendError};
 use crate::stream::StreamError;
 
 /// What a session's writer receives.
@@ -26,7 +26,8 @@ pub enum Outbound {
     Close(Box<StreamError>),
 }
 
-pub type OutboundTx = mpsc::Sender<Outbound>;
+pub type OutboundTx = outbound::Sender<Outbound>;
+pub type OutboundRx = outbound::Receiver<Outbound>;
 
 struct Entry {
     resource: String,
@@ -285,8 +286,8 @@ impl Sessions {
                 }
                 Queued::Yes
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Queued::NoSuchResource,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(TrySendError::Closed(_)) => Queued::NoSuchResource,
+            Err(TrySendError::Full(_)) => {
                 tracing::warn!(jid = %full, "outbound queue full: disconnecting slow reader");
                 close(
                     &tx,
@@ -332,13 +333,9 @@ impl Sessions {
     }
 }
 
-/// Tells a session to close. A full queue must not delay or lose the close: then a task waits
-/// for room, and the session's write timeout ends a connection that never drains.
+/// Tells a session to close, after what is already queued. A full queue must not delay or lose
+/// the close: it goes in past the bound (by one at most: when that place is taken, a close is
+/// already queued), and the session's write timeout ends a connection that never drains.
 fn close(tx: &OutboundTx, err: StreamError) {
-    if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(Outbound::Close(Box::new(err))) {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let _ = tx.send(msg).await;
-        });
-    }
+    let _ = tx.send_past_bound(Outbound::Close(Box::new(err)));
 }

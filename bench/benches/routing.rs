@@ -11,12 +11,11 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use halyard::config::Config;
 use halyard::server::Server;
-use halyard::sessions::Outbound;
+use halyard::sessions::OutboundRx;
 use halyard::store::{Account, Stores};
 use halyard_xep::{Kind, Stanza};
 use jid::{BareJid, FullJid, Jid};
 use minidom::Element;
-use tokio::sync::mpsc;
 
 const SENDER: &str = "romeo@localhost/orchard";
 
@@ -35,7 +34,7 @@ struct Bench {
     rt: tokio::runtime::Runtime,
     server: Server,
     /// The queues of every bound session, drained as their writers would.
-    queues: Vec<mpsc::Receiver<Outbound>>,
+    queues: Vec<OutboundRx>,
     _dir: tempfile::TempDir,
 }
 
@@ -80,7 +79,7 @@ impl Bench {
             .expect("account created");
         for r in resources {
             let full: FullJid = format!("{bare}/{r}").parse().expect("full JID");
-            let (tx, rx) = mpsc::channel(1024);
+            let (tx, rx) = halyard::outbound::channel(1024);
             // Connection ids only need to be distinct.
             let conn_id = self.queues.len() as u64 + 1;
             self.server.sessions.bind(&full, conn_id, tx);

@@ -146,7 +146,7 @@ fn stamp(micros: u64) -> String {
 /// Runs one query through the handler; returns (time, last id of the page, items).
 async fn run_query(
     server: &Server,
-    sink: &mut tokio::sync::mpsc::Receiver<halyard::sessions::Outbound>,
+    sink: &mut halyard::sessions::OutboundRx,
     el: Element,
 ) -> anyhow::Result<(Duration, Option<String>, usize)> {
     let handler = server
@@ -284,7 +284,7 @@ pub async fn run(a: ArchiveArgs) -> anyhow::Result<()> {
     let server = Arc::new(Server::new(cfg, stores, None, rx)?);
     // The querying session: results go to its queue, drained as a client would read them (the
     // serialisation of each result is part of what is measured).
-    let (qtx, mut qrx) = tokio::sync::mpsc::channel(4096);
+    let (qtx, mut qrx) = halyard::outbound::channel(4096);
     server
         .sessions
         .bind(&"owner@localhost/bench".parse()?, 1, qtx);

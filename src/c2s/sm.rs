@@ -23,7 +23,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::server::Server;
-use crate::sessions::Outbound;
+use crate::sessions::{Outbound, OutboundRx};
 use crate::stream::{StreamError, StreamErrorKind};
 
 /// A bound session, whichever connection (if any) it is attached to.
@@ -31,7 +31,7 @@ pub struct Bound {
     pub full: FullJid,
     /// The binding's id in the sessions table (the connection that bound it).
     pub conn_id: u64,
-    pub rx: mpsc::Receiver<Outbound>,
+    pub rx: OutboundRx,
     /// Boxed: most sessions never enable it, and an idle session should stay small.
     pub sm: Option<Box<Sm>>,
     /// Stanzas held back while the client is inactive (XEP-0352); `None` while active.

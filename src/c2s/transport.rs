@@ -56,8 +56,11 @@ pub trait Transport: Send {
     fn can_starttls(&self) -> bool;
     fn starttls(&mut self) -> impl Future<Output = Result<(), TransportError>> + Send;
     fn bindings(&self) -> ChannelBindings;
-    /// Called when the session has nothing to do: release what can be rebuilt.
+    /// Called when the session has nothing to do: release what can be rebuilt cheaply.
     fn idle(&mut self);
+    /// Called when the session has read nothing for a while: release what can be rebuilt,
+    /// even at some cost (the stream parser).
+    fn release(&mut self) {}
     fn transport_name(&self) -> &'static str;
 }
 
@@ -128,7 +131,10 @@ const READ_BUF: usize = 2048;
 /// TCP framing: `<stream:stream>` over a byte stream, plain or TLS.
 pub struct TcpTransport {
     io: Io,
-    reader: XmlReader,
+    /// `None` while released between stanzas by an idle session ([`Transport::release`]); rebuilt
+    /// when input arrives. Boxed so that a released one costs no room in the session.
+    reader: Option<Box<XmlReader>>,
+    limits: Limits,
     /// Allocated while there is unparsed input or a read in progress; dropped when idle on a
     /// plain socket.
     buf: Vec<u8>,
@@ -147,7 +153,8 @@ impl TcpTransport {
     fn new(io: Io, peer: SocketAddr, tls: Option<Tls>, require_tls: bool, limits: Limits) -> Self {
         TcpTransport {
             io,
-            reader: XmlReader::new(limits),
+            reader: Some(Box::new(XmlReader::new(limits))),
+            limits,
             buf: Vec::new(),
             pos: 0,
             len: 0,
@@ -191,8 +198,14 @@ impl Transport for TcpTransport {
     async fn next_event(&mut self) -> Result<Option<StreamEvent>, TransportError> {
         loop {
             if self.pos < self.len {
+                let reader = match &mut self.reader {
+                    Some(r) => r,
+                    None => self.reader.insert(Box::new(
+                        XmlReader::after_header(self.limits).map_err(TransportError::Stream)?,
+                    )),
+                };
                 let mut input = &self.buf[self.pos..self.len];
-                let r = self.reader.next(&mut input);
+                let r = reader.next(&mut input);
                 self.pos = self.len - input.len();
                 match r {
                     Ok(Some(ev)) => return Ok(Some(ev)),
@@ -262,7 +275,7 @@ impl Transport for TcpTransport {
     }
 
     fn restart(&mut self) {
-        self.reader.reset();
+        self.reader = Some(Box::new(XmlReader::new(self.limits)));
     }
 
     fn bytes_in(&self) -> u64 {
@@ -316,7 +329,7 @@ impl Transport for TcpTransport {
         let stream = tls.acceptor.accept(tcp).await?;
         self.bindings = tls.bindings(stream.get_ref().1);
         self.io = Io::Tls(Box::new(stream));
-        self.reader.reset();
+        self.reader = Some(Box::new(XmlReader::new(self.limits)));
         self.buf = Vec::new();
         Ok(())
     }
@@ -330,7 +343,15 @@ impl Transport for TcpTransport {
             self.buf = Vec::new();
             self.pos = 0;
             self.len = 0;
-            self.reader.shrink();
+            if let Some(r) = self.reader.as_mut() {
+                r.shrink();
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        if self.pos >= self.len && self.reader.as_ref().is_some_and(|r| r.releasable()) {
+            self.reader = None;
         }
     }
 

@@ -77,14 +77,19 @@ pub struct XmlReader {
     header_other_prefixes: bool,
     /// Attributes seen on the element whose head is being read.
     attributes: usize,
+    /// The parser stopped right after the header or a stanza, and has taken no input since but
+    /// whitespace: it holds nothing that [`Self::after_header`] would not rebuild.
+    clean: bool,
+    /// The last byte the parser took (a `>` when it stopped at the end of a tag).
+    last_byte: u8,
 }
 
-/// A tree builder inside a minimal stream element: `jabber:client` as the default namespace and
-/// the `stream` prefix, as a validated c2s header declares them.
-fn stanza_builder() -> Result<TreeBuilder, StreamError> {
+/// A parser and tree builder inside a minimal stream element: `jabber:client` as the default
+/// namespace and the `stream` prefix, as a validated c2s header declares them.
+fn after_minimal_header(limits: &Limits) -> Result<(RawParser, TreeBuilder), StreamError> {
     const HEADER: &[u8] = b"<stream:stream xmlns='jabber:client' \
         xmlns:stream='http://etherx.jabber.org/streams'>";
-    let mut parser = RawParser::new();
+    let mut parser = parser_for(limits);
     let mut builder = TreeBuilder::new();
     let mut input = HEADER;
     loop {
@@ -97,7 +102,7 @@ fn stanza_builder() -> Result<TreeBuilder, StreamError> {
     if builder.depth() != 1 {
         return Err(not_well_formed("internal: the stanza builder did not open"));
     }
-    Ok(builder)
+    Ok((parser, builder))
 }
 
 fn parser_for(limits: &Limits) -> RawParser {
@@ -124,7 +129,43 @@ impl XmlReader {
             started: false,
             header_other_prefixes: false,
             attributes: 0,
+            clean: false,
+            last_byte: 0,
         }
+    }
+
+    /// A reader inside an open stream, between stanzas, as [`Self::releasable`] leaves one: what
+    /// a session rebuilds when input arrives after it released its reader while idle.
+    pub fn after_header(limits: Limits) -> Result<Self, StreamError> {
+        let (parser, builder) = after_minimal_header(&limits)?;
+        Ok(XmlReader {
+            parser,
+            builder,
+            limits,
+            stanza_bytes: 0,
+            opened: true,
+            default_ns_ok: true,
+            header_pending: false,
+            started: true,
+            header_other_prefixes: false,
+            attributes: 0,
+            clean: true,
+            last_byte: b'>',
+        })
+    }
+
+    /// Whether this reader holds nothing but what [`Self::after_header`] rebuilds: the stream is
+    /// open with the usual header (only the `stream` prefix declared), and the parser stopped at
+    /// the end of the header or of a stanza with no input since but whitespace (keepalives,
+    /// which may be dropped). An idle session can then drop its reader (~1.5 KB with what the
+    /// parser and builder allocate) and rebuild it when input arrives.
+    pub fn releasable(&self) -> bool {
+        self.clean
+            && self.opened
+            && !self.header_other_prefixes
+            && !self.header_pending
+            && self.builder.depth() == 1
+            && self.stanza_bytes == 0
     }
 
     /// A reader for one self-contained document (a WebSocket message): the root element itself is
@@ -168,18 +209,36 @@ impl XmlReader {
                 self.header_pending = false;
                 return self.header_event().map(Some);
             }
-            let before = input.len();
-            let ev = match self.parser.parse(input, false) {
+            let start = *input;
+            let ev = self.parser.parse(input, false);
+            let consumed = &start[..start.len() - input.len()];
+            if !consumed
+                .iter()
+                .all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+            {
+                // The parser may now hold part of a token (set again below when this ends the
+                // header or a stanza exactly).
+                self.clean = false;
+            }
+            if let Some(b) = consumed.last() {
+                self.last_byte = *b;
+            }
+            let ev = match ev {
                 Ok(Some(ev)) => ev,
                 Ok(None) => return Ok(None),
                 Err(EndOrError::NeedMoreData) => {
-                    self.charge(before - input.len())?;
+                    self.charge(consumed.len())?;
                     return Ok(None);
                 }
                 Err(EndOrError::Error(e)) => return Err(map_rxml_error(e)),
             };
-            self.charge(before - input.len())?;
+            self.charge(consumed.len())?;
             if let Some(out) = self.process(ev)? {
+                if matches!(out, StreamEvent::Open(_) | StreamEvent::Element(_)) {
+                    // The parser returns an event as soon as the tag that completes it ends,
+                    // without reading ahead: when it last took a `>`, nothing is pending.
+                    self.clean = self.last_byte == b'>';
+                }
                 return Ok(Some(out));
             }
         }
@@ -275,7 +334,7 @@ impl XmlReader {
                 // The builder keeps the header element open for the stream's life, with its
                 // attributes and namespace maps (~2 KiB per session). Stanzas need only the two
                 // namespaces, so continue with a builder that holds just those.
-                self.builder = stanza_builder()?;
+                self.builder = after_minimal_header(&self.limits)?.1;
             }
             return Ok(Some(header));
         }
@@ -442,6 +501,86 @@ mod tests {
         );
         assert!(matches!(&ev[2], StreamEvent::Element(e) if e.name() == "presence"));
         assert!(matches!(&ev[3], StreamEvent::Close));
+    }
+
+    /// Feeds `doc` in `chunk`-byte pieces, replacing the reader by a rebuilt one whenever it is
+    /// releasable (as an idle session does); the events, serialised.
+    fn events_released(doc: &str, chunk: usize, release: bool) -> (Vec<String>, usize) {
+        let mut r = XmlReader::new(LIMITS);
+        let mut got = Vec::new();
+        let mut released = 0;
+        for piece in doc.as_bytes().chunks(chunk) {
+            let mut input = piece;
+            loop {
+                match r.next(&mut input) {
+                    Ok(Some(StreamEvent::Element(el))) => got.push(String::from(&el)),
+                    Ok(Some(StreamEvent::Open(_))) => got.push("open".into()),
+                    Ok(Some(StreamEvent::Close)) => got.push("close".into()),
+                    Ok(None) => break,
+                    Err(e) => {
+                        got.push(format!("error {:?}", e.kind));
+                        return (got, released);
+                    }
+                }
+            }
+            if release && r.releasable() {
+                r = XmlReader::after_header(LIMITS).unwrap();
+                released += 1;
+            }
+        }
+        (got, released)
+    }
+
+    #[test]
+    fn a_released_reader_gives_the_same_events() {
+        let doc = format!(
+            "{HEADER} <presence/>\n<message to='a@b' type='chat'><body>hi &amp; bye</body>\
+             <x xmlns='urn:x'><y/></x></message>  \n\n<iq type='get' id='1'><ping \
+             xmlns='urn:xmpp:ping'/></iq><r xmlns='urn:xmpp:sm:3'/> </stream:stream>"
+        );
+        let (whole, _) = events_released(&doc, doc.len(), false);
+        assert_eq!(whole.len(), 6, "{whole:?}");
+        for chunk in 1..40 {
+            let (got, released) = events_released(&doc, chunk, true);
+            assert_eq!(got, whole, "{chunk}-byte pieces");
+            if chunk == 1 {
+                // After every stanza, and after whitespace following one.
+                assert!(released >= 6, "released {released} times");
+            }
+        }
+        // Errors are found the same way: a tag left open, and text between stanzas.
+        for bad in ["<message><body></message>", "<presence/>text"] {
+            let doc = format!("{HEADER}{bad}");
+            let (whole, _) = events_released(&doc, doc.len(), false);
+            for chunk in 1..12 {
+                assert_eq!(
+                    events_released(&doc, chunk, true).0,
+                    whole,
+                    "{bad} in {chunk}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn releasable_only_between_stanzas_of_a_usual_header() {
+        let mut r = XmlReader::new(LIMITS);
+        assert!(!r.releasable());
+        assert!(events(&mut r, HEADER.as_bytes()).unwrap().len() == 1);
+        assert!(r.releasable());
+        assert!(events(&mut r, b"  \n").unwrap().is_empty());
+        assert!(r.releasable(), "whitespace keepalives may be dropped");
+        assert!(events(&mut r, b"<mess").unwrap().is_empty());
+        assert!(!r.releasable(), "part of a tag");
+        assert!(events(&mut r, b"age><body>x</body>").unwrap().is_empty());
+        assert!(!r.releasable(), "inside a stanza");
+        assert_eq!(events(&mut r, b"</message>").unwrap().len(), 1);
+        assert!(r.releasable());
+        // Another prefix declared on the header: stanzas may use it, so the reader stays.
+        let mut r = XmlReader::new(LIMITS);
+        let header = HEADER.replace("to='x'", "xmlns:x='urn:x' to='x'");
+        assert_eq!(events(&mut r, header.as_bytes()).unwrap().len(), 1);
+        assert!(!r.releasable());
     }
 
     #[test]
