@@ -90,7 +90,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # A fresh data directory with the accounts: chat pairs, presence, churn (password "pw").
 ACCOUNTS=$(( 2 * PAIRS + PRESENCE + CHURN_ACCOUNTS ))
 RUN="$RUN_ROOT/run"
-rm -rf "$RUN"; mkdir -p "$RUN/data" "$RESULTS_DIR"
+rm -rf "$RUN"; mkdir -p "$RUN/data" "$RESULTS_DIR"; chmod 700 "$RUN/data"
 log "creating $ACCOUNTS accounts in $RUN/data"
 nice -n 5 "$BENCH_BIN" users --count "$ACCOUNTS" --data-dir "$RUN/data" >&2
 
