@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::server::Server;
 use crate::store::Stores;
 
-/// One admin command, as sent over the socket (one JSON object per line).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One admin command, as sent over the socket (one JSON object per line). Its `Debug` form is
+/// the JSON with any password replaced, so that a debug log can never show one.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     UserAdd {
@@ -53,6 +54,20 @@ pub enum Request {
     },
     /// Re-reads the TLS certificates of a running server (what SIGHUP does).
     ReloadCerts,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.clone();
+        if let Request::UserAdd { password, .. } | Request::UserPasswd { password, .. } = &mut shown
+        {
+            *password = "<redacted>".into();
+        }
+        match serde_json::to_string(&shown) {
+            Ok(json) => f.write_str(&json),
+            Err(_) => f.write_str("<admin request>"),
+        }
+    }
 }
 
 /// The answer: lines for stdout, or an error for stderr.
@@ -115,5 +130,33 @@ pub async fn execute(ctx: &Context<'_>, req: Request) -> Response {
     match r {
         Ok(lines) => Response::ok(lines),
         Err(e) => Response::err(format!("{e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod request_debug_tests {
+    use super::Request;
+
+    #[test]
+    fn debug_never_shows_a_password() {
+        for r in [
+            Request::UserAdd {
+                jid: "a@example.com".into(),
+                password: "hunter2-secret".into(),
+            },
+            Request::UserPasswd {
+                jid: "a@example.com".into(),
+                password: "hunter2-secret".into(),
+            },
+        ] {
+            let shown = format!("{r:?}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(
+                shown.contains("a@example.com") && shown.contains("<redacted>"),
+                "{shown}"
+            );
+        }
+        let shown = format!("{:?}", Request::UserList);
+        assert!(shown.contains("user_list"), "{shown}");
     }
 }
