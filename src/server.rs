@@ -141,6 +141,21 @@ impl Server {
         })
     }
 
+    /// Admits a connection from `peer` under the connection limits (`[limits]`); a refusal is
+    /// counted in the metrics and logged here, for every listener alike.
+    pub fn admit_connection(
+        &self,
+        peer: std::net::SocketAddr,
+    ) -> Result<crate::limits::ConnSlot, crate::limits::Refusal> {
+        self.conn_limiter.admit(peer.ip()).inspect_err(|why| {
+            self.metrics
+                .connections_refused
+                .with_label_values(&[why.label()])
+                .inc();
+            tracing::debug!(%peer, limit = why.label(), "connection refused");
+        })
+    }
+
     /// The HTTP service's base URL as clients see it, e.g. `https://example.org:5281`.
     pub fn public_url(&self) -> &str {
         self.public_url

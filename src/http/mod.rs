@@ -140,18 +140,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 /// Admits an accepted HTTP connection under the connection limits. A refused one is closed at
 /// once: before a request there is no way to tell it why that every client understands.
 fn admit(server: &Server, peer: SocketAddr) -> Option<ConnSlot> {
-    match server.conn_limiter.admit(peer.ip()) {
-        Ok(slot) => Some(slot),
-        Err(why) => {
-            server
-                .metrics
-                .connections_refused
-                .with_label_values(&[why.label()])
-                .inc();
-            tracing::debug!(%peer, limit = why.label(), "HTTP connection refused");
-            None
-        }
-    }
+    server.admit_connection(peer).ok()
 }
 
 /// Plain HTTP connections, counted under the connection limits.

@@ -77,7 +77,7 @@ where
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    match server.conn_limiter.admit(peer.ip()) {
+                    match server.admit_connection(peer) {
                         Ok(slot) => {
                             tokio::spawn(handle(server.clone(), stream, peer, slot));
                         }
@@ -95,15 +95,9 @@ where
     }
 }
 
-/// Counts a refusal and, while few are being told, tells the client why with a stream error;
-/// otherwise (a flood) just closes the connection.
+/// While few are being told, tells a refused client why with a stream error; otherwise (a
+/// flood) just closes the connection.
 fn refused(server: &Arc<Server>, stream: TcpStream, peer: SocketAddr, why: Refusal, how: Refuse) {
-    server
-        .metrics
-        .connections_refused
-        .with_label_values(&[why.label()])
-        .inc();
-    tracing::debug!(%peer, limit = why.label(), "connection refused");
     let Some(told) = server.conn_limiter.refusal_slot() else {
         return;
     };
