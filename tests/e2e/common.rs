@@ -93,6 +93,14 @@ impl TestServer {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let (mut cfg, dir) = Self::config();
+        tweak(&mut cfg);
+        Self::start_config(cfg, dir, |s| s).await
+    }
+
+    /// A configuration in a fresh folder holding the test certificate, every listener on a free
+    /// loopback port.
+    fn config() -> (Config, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
         std::fs::create_dir_all(&certs).expect("certs dir");
@@ -109,15 +117,19 @@ impl TestServer {
         cfg.listeners.c2s_tls = vec![lo];
         cfg.listeners.http = vec![lo];
         cfg.listeners.https = vec![lo];
-        tweak(&mut cfg);
-        Self::start_config(cfg, dir).await
+        (cfg, dir)
     }
 
-    async fn start_config(cfg: Config, dir: tempfile::TempDir) -> TestServer {
+    /// Starts a server with `cfg`, its stores passed through `wrap` (fault injection).
+    async fn start_config(
+        cfg: Config,
+        dir: tempfile::TempDir,
+        wrap: impl FnOnce(halyard::store::Stores) -> halyard::store::Stores + Send + 'static,
+    ) -> TestServer {
         let data_dir = cfg.data_dir.clone();
         let (stop, rx) = watch::channel(false);
         let (ready_tx, ready_rx) = oneshot::channel();
-        let handle = tokio::spawn(halyard::serve(cfg, rx, Some(ready_tx)));
+        let handle = tokio::spawn(halyard::serve_with_stores(cfg, wrap, rx, Some(ready_tx)));
         let bound = match tokio::time::timeout(TIMEOUT, ready_rx).await {
             Ok(Ok(b)) => b,
             _ => {
@@ -184,6 +196,14 @@ impl Drop for TestServer {
 
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// What a client saw of its TLS connection.
+pub struct TlsSeen {
+    /// The end-entity certificate (DER) the server presented.
+    pub served: Vec<u8>,
+    /// RFC 9266 tls-exporter, from the client's side.
+    pub exporter: Vec<u8>,
+}
 
 /// A raw XML client: writes what a test says, parses what the server sends.
 pub struct RawClient {
@@ -390,7 +410,15 @@ impl RawClient {
     }
 
     /// STARTTLS on a plain connection that has just received features.
-    pub async fn starttls(mut self) -> RawClient {
+    pub async fn starttls(self) -> RawClient {
+        self.starttls_trusting(client_tls()).await.0
+    }
+
+    /// STARTTLS trusting `tls`'s roots; also returns what the client saw of the connection.
+    pub async fn starttls_trusting(
+        mut self,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> (RawClient, TlsSeen) {
         self.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
             .await;
         let p = self.recv().await;
@@ -400,14 +428,25 @@ impl RawClient {
             String::from(&p)
         );
         // Box<dyn Io> cannot be unwrapped back to TcpStream; keep a generic TLS layer over it.
-        let tls = tokio_rustls::TlsConnector::from(client_tls())
-            .connect(
+        let tls = tokio::time::timeout(
+            TIMEOUT,
+            tokio_rustls::TlsConnector::from(tls).connect(
                 rustls::pki_types::ServerName::try_from(DOMAIN).expect("name"),
                 self.io,
-            )
-            .await
-            .expect("tls handshake");
-        RawClient::over(Box::new(tls))
+            ),
+        )
+        .await
+        .expect("handshake in time")
+        .expect("tls handshake");
+        let conn = tls.get_ref().1;
+        let seen = TlsSeen {
+            served: conn.peer_certificates().expect("server certificate")[0].to_vec(),
+            exporter: conn
+                .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None)
+                .expect("exporter")
+                .to_vec(),
+        };
+        (RawClient::over(Box::new(tls)), seen)
     }
 
     /// PLAIN authentication; returns the server's answer element.
@@ -535,45 +574,11 @@ impl TestServer {
     /// [`TestServer::start`] with stores whose writes and flushes fail while `switch` is on
     /// (`halyard::store::faults`).
     pub async fn start_faulty(switch: halyard::store::faults::FaultSwitch) -> TestServer {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let certs = dir.path().join("certs");
-        std::fs::create_dir_all(&certs).expect("certs dir");
-        for f in ["localhost.crt", "localhost.key"] {
-            std::fs::copy(test_cert().dir.path().join(f), certs.join(f)).expect("copy cert");
-        }
-        let mut cfg = Config {
-            data_dir: dir.path().join("data"),
-            certs_dir: certs,
-            ..Config::default()
-        };
-        let lo: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        cfg.listeners.c2s = vec![lo];
+        let (mut cfg, dir) = Self::config();
         cfg.listeners.c2s_tls.clear();
         cfg.listeners.http.clear();
         cfg.listeners.https.clear();
         let window = cfg.group_commit();
-        let data_dir = cfg.data_dir.clone();
-        let (stop, rx) = watch::channel(false);
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let wrap = move |s: halyard::store::Stores| s.with_faults(switch, window);
-        let handle = tokio::spawn(halyard::serve_with_stores(cfg, wrap, rx, Some(ready_tx)));
-        let bound = match tokio::time::timeout(TIMEOUT, ready_rx).await {
-            Ok(Ok(b)) => b,
-            _ => {
-                let r = handle.await;
-                panic!("server did not start: {r:?}");
-            }
-        };
-        let none: SocketAddr = "0.0.0.0:0".parse().expect("addr");
-        TestServer {
-            c2s: bound.c2s[0],
-            c2s_tls: none,
-            http: none,
-            https: none,
-            data_dir,
-            stop,
-            handle: Some(handle),
-            _dir: dir,
-        }
+        Self::start_config(cfg, dir, move |s| s.with_faults(switch, window)).await
     }
 }

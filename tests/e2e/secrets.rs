@@ -9,9 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use halyard::stream::{StreamEvent, XmlReader};
 use minidom::Element;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
@@ -25,14 +23,26 @@ const NS_SASL_CB: &str = "urn:xmpp:sasl-cb:0";
 // ---------------------------------------------------------------------------------------------
 // A raw client that trusts the certificates it is given and keeps the one it was served.
 
+/// A raw client that also keeps the certificate it was served and its tls-exporter value.
 struct Conn {
-    io: Box<dyn Io>,
-    reader: XmlReader,
-    pending: Vec<u8>,
+    c: RawClient,
     /// The end-entity certificate (DER) the server presented.
     served: Vec<u8>,
     /// RFC 9266 tls-exporter, from our side of the connection.
     exporter: Vec<u8>,
+}
+
+impl std::ops::Deref for Conn {
+    type Target = RawClient;
+    fn deref(&self) -> &RawClient {
+        &self.c
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut RawClient {
+        &mut self.c
+    }
 }
 
 fn trusting(ders: &[&[u8]]) -> std::sync::Arc<rustls::ClientConfig> {
@@ -53,107 +63,16 @@ fn trusting(ders: &[&[u8]]) -> std::sync::Arc<rustls::ClientConfig> {
 impl Conn {
     /// STARTTLS to `addr` trusting `ders`; returns the connection and its post-TLS features.
     async fn starttls(addr: SocketAddr, ders: &[&[u8]]) -> (Conn, Element) {
-        let tcp = TcpStream::connect(addr).await.expect("connect");
-        let mut c = Conn {
-            io: Box::new(tcp),
-            reader: reader(),
-            pending: Vec::new(),
-            served: Vec::new(),
-            exporter: Vec::new(),
-        };
+        let mut c = RawClient::connect(addr).await;
         c.open().await;
-        c.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
-            .await;
-        let p = c.recv().await;
-        assert!(p.is("proceed", NS_TLS), "{}", xml(&p));
-        let name = rustls::pki_types::ServerName::try_from(DOMAIN).expect("name");
-        let tls = tokio::time::timeout(
-            TIMEOUT,
-            tokio_rustls::TlsConnector::from(trusting(ders)).connect(name, c.io),
-        )
-        .await
-        .expect("handshake in time")
-        .expect("TLS handshake");
-        let conn = tls.get_ref().1;
-        let served = conn.peer_certificates().expect("server certificate")[0].to_vec();
-        let exporter = conn
-            .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None)
-            .expect("exporter")
-            .to_vec();
-        let mut c = Conn {
-            io: Box::new(tls),
-            reader: reader(),
-            pending: Vec::new(),
-            served,
-            exporter,
-        };
+        let (mut c, seen) = c.starttls_trusting(trusting(ders)).await;
         let f = c.open().await;
+        let c = Conn {
+            c,
+            served: seen.served,
+            exporter: seen.exporter,
+        };
         (c, f)
-    }
-
-    async fn send(&mut self, s: &str) {
-        self.io.write_all(s.as_bytes()).await.expect("write");
-        self.io.flush().await.expect("flush");
-    }
-
-    async fn next_event(&mut self) -> Option<StreamEvent> {
-        let mut buf = [0u8; 8192];
-        loop {
-            if !self.pending.is_empty() {
-                let mut input = &self.pending[..];
-                let r = self
-                    .reader
-                    .next(&mut input)
-                    .expect("well-formed server XML");
-                let consumed = self.pending.len() - input.len();
-                self.pending.drain(..consumed);
-                if let Some(ev) = r {
-                    return Some(ev);
-                }
-            }
-            let n = match tokio::time::timeout(TIMEOUT, self.io.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(_)) => 0,
-                Err(_) => panic!("timed out waiting for the server"),
-            };
-            if n == 0 {
-                return None;
-            }
-            self.pending.extend_from_slice(&buf[..n]);
-        }
-    }
-
-    async fn recv(&mut self) -> Element {
-        loop {
-            match self.next_event().await {
-                Some(StreamEvent::Element(el)) => return el,
-                Some(StreamEvent::Open(_)) => continue,
-                other => panic!("stream ended while waiting for an element: {other:?}"),
-            }
-        }
-    }
-
-    async fn recv_until(&mut self, pred: impl Fn(&Element) -> bool) -> Element {
-        loop {
-            let el = self.recv().await;
-            if pred(&el) {
-                return el;
-            }
-        }
-    }
-
-    /// Opens (or restarts) the stream; returns the features.
-    async fn open(&mut self) -> Element {
-        self.reader = reader();
-        self.pending.clear();
-        self.send(&stream_open(DOMAIN)).await;
-        match self.next_event().await {
-            Some(StreamEvent::Open(_)) => {}
-            other => panic!("expected a stream header, got {other:?}"),
-        }
-        let f = self.recv().await;
-        assert!(f.is("features", NS_STREAM), "{}", xml(&f));
-        f
     }
 
     /// PLAIN with `payload` already encoded; the server's answer.
